@@ -1,0 +1,871 @@
+"""The orchestration: gates → plan → confirmation → nixos-rebuild → verification → rollback,
+and an audit record for every host whatever happens."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+from rebuild import audit, facts, gitstate, hostops, identity, nixos, process
+from rebuild.console import Console, stdin_is_terminal
+from rebuild.errors import (
+    BuildFailed,
+    Declined,
+    GateRefused,
+    Interrupted,
+    RebuildError,
+    RemoteError,
+    RolledBack,
+    VerifyFailed,
+    most_severe,
+)
+from rebuild.inventory import Loaded, Target
+from rebuild.plan import HostPlan, Plan, batches, check_names, render_plan
+from rebuild.remote import Endpoint, Remote, RemoteResult, key_is_known, unknown_key_message
+from rebuild.verify import Check, Report, run_checks
+
+log = structlog.get_logger("rebuild")
+
+LOST_GRACE = 20.0  # seconds past the timer's deadline before concluding a host is gone
+RECONNECT_INTERVAL = 2.0
+NIX_EVAL_TIMEOUT = 600
+
+
+@dataclass(frozen=True)
+class Options:
+    """The flags of `invoke rebuild` (and `invoke rollback`)."""
+
+    action: str | None = None
+    yes: bool = False
+    dry_run: bool = False
+    allow_dirty: bool = False
+    verify: bool = True
+    rollback: bool = True
+    json: bool = False
+    batch: int | None = None
+    canary: bool = False
+    max_fail: int = 0
+    jobs: int = 8
+    break_lock: bool = False
+    every: bool = False
+    rollback_generation: bool = False  # `invoke rollback`: nixos-rebuild switch --rollback
+
+
+@dataclass
+class HostRun:
+    """Everything one host's part of a run knows; its record is written exactly once."""
+
+    target: Target
+    record: audit.Record
+    endpoint: Endpoint
+    action: str
+    command: list[str] = field(default_factory=list)
+    expected: str | None = None
+    previous: str | None = None
+    remote: Remote | None = None
+    remote_locked: bool = False
+    local_lock: IO[str] | None = None
+    timer_armed_at: float | None = None
+    report: Report | None = None
+    rollback_report: Report | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def timer_wanted(self) -> bool:
+        return self.action in ("switch", "test") and self.target.settings.rollback_timeout > 0
+
+    def connection(self) -> Remote:
+        """The host's one connection, reopened if it died."""
+        if self.remote is not None:
+            transport = self.remote.conn.client.get_transport()
+            if transport is not None and transport.is_active():
+                return self.remote
+            self.remote.close()
+            self.remote = None
+        self.remote = Remote(self.endpoint).open()
+        return self.remote
+
+    def run(self, script: str, *, timeout: float = 60, privileged: bool = True) -> RemoteResult:
+        return self.connection().run(script, timeout=timeout, privileged=privileged)
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
+
+
+def endpoint_for(loaded: Loaded, target: Target, sudo_password: str | None = None) -> Endpoint:
+    spec = target.settings
+    return Endpoint(
+        name=target.name,
+        address=spec.address,
+        port=spec.port,
+        user=spec.user,
+        known_hosts=loaded.known_hosts,
+        identity_file=loaded.identity_file(target),
+        connect_timeout=loaded.inventory.connect_timeout,
+        sudo=spec.sudo,
+        sudo_password=sudo_password,
+    )
+
+
+def ssh_settings(loaded: Loaded, target: Target) -> nixos.SshSettings:
+    return nixos.SshSettings(
+        port=target.settings.port,
+        known_hosts=loaded.known_hosts,
+        identity_file=loaded.identity_file(target),
+        connect_timeout=loaded.inventory.connect_timeout,
+        control_dir=control_dir(),
+    )
+
+
+def control_dir() -> Path:
+    """A short private folder for ssh's ControlPath sockets (unix socket paths are short)."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
+    path = base / f"rebuild-ssh-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def child_env(loaded: Loaded, target: Target) -> dict[str, str]:
+    env = dict(os.environ)
+    env["NIX_SSHOPTS"] = nixos.nix_sshopts(ssh_settings(loaded, target), env.get("NIX_SSHOPTS", ""))
+    return env
+
+
+# --- gates -----------------------------------------------------------------------------------
+
+
+def operator_gate(loaded: Loaded, me: identity.Identity) -> str:
+    """Refuse unless this machine is on the allowlist; returns the operator's name."""
+    operator = identity.authorize(me, loaded.inventory.operators)
+    if operator is None:
+        why = "the allowlist is empty" if not loaded.inventory.operators else "it is not listed"
+        raise GateRefused(
+            f"this machine ({me.hostname}, machine-id {me.machine_id or 'unknown'}) "
+            f"may not deploy: "
+            f"{why} in {loaded.path} [[operators]]; run `invoke operator` to see the lines that "
+            "would authorize it, and have them reviewed and committed"
+        )
+    return operator.name
+
+
+def git_gate(state: gitstate.GitState | None, allow_dirty: bool) -> list[str]:
+    """Refuse an uncommitted tree unless --allow-dirty; returns the overrides used."""
+    if state is None or not state.dirty:
+        return []
+    if allow_dirty:
+        return ["allow-dirty"]
+    if not state.is_repo:
+        raise GateRefused(
+            "the flake is not in a git repository, so what is deployed cannot be traced to a "
+            "commit; commit it to git, or pass --allow-dirty (recorded in the audit)"
+        )
+    shown = ", ".join(state.dirty_files[: gitstate.MAX_LISTED])
+    more = len(state.dirty_files) - gitstate.MAX_LISTED
+    extra = f" (+{more} more)" if more > 0 else ""
+    raise GateRefused(
+        f"the flake's git tree is dirty: {shown}{extra}; commit or stash the changes, or pass "
+        "--allow-dirty (recorded in the audit)"
+    )
+
+
+def host_key_gate(runs: list[HostRun]) -> None:
+    for hr in runs:
+        if not key_is_known(hr.endpoint):
+            raise GateRefused(unknown_key_message(hr.endpoint))
+
+
+def terminal_gate(opts: Options) -> None:
+    if not opts.yes and not opts.dry_run and not stdin_is_terminal():
+        raise GateRefused(
+            "no terminal to ask for confirmation; pass --yes to deploy without a prompt"
+        )
+
+
+# --- local lock ------------------------------------------------------------------------------
+
+
+def take_local_lock(state_dir: Path, host: str, run_id: str) -> IO[str]:
+    """A per-host lock on this machine (flock): one deploy of a host at a time from here."""
+    lock_dir = state_dir / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = (lock_dir / f"{host}.lock").open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another rebuild process"
+        handle.close()
+        raise GateRefused(
+            f"{host} is locked on this machine by {holder}; wait for it to finish"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"run {run_id} (pid {os.getpid()})")
+    handle.flush()
+    return handle
+
+
+def release_local_lock(handle: IO[str] | None) -> None:
+    if handle is None:
+        return
+    with contextlib.suppress(OSError):
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
+                break_lock: bool, stale_after: float) -> None:  # fmt: skip
+    """Take the host's lock (and learn what it runs); a held lock refuses, naming the holder."""
+    answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
+    if not answer.acquired and answer.holder is not None and break_lock:
+        holder = answer.holder
+        stale = hostops.lock_is_stale(
+            holder,
+            now=time.time(),
+            stale_after=stale_after,
+            machine_id=me.machine_id,
+            pid_alive=pid_alive(holder.pid),
+        )
+        if not stale:
+            raise GateRefused(
+                f"{hr.name} is locked by {holder.describe()}; the lock is not stale (younger than "
+                f"{stale_after:g}s and its run may be alive), so --break-lock refuses to break it"
+            )
+        hr.run(hostops.break_script(holder.run_id), timeout=30)
+        hr.record.overrides.append(f"break-lock {holder.run_id}")
+        answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
+    if answer.acquired:
+        hr.remote_locked = True
+        hr.previous = answer.current_system
+        hr.record.previous_system = answer.current_system
+        return
+    if answer.holder is not None:
+        raise GateRefused(
+            f"{hr.name} is locked by {answer.holder.describe()}; wait for it to finish, or if "
+            "that run is gone, pass --break-lock (recorded in the audit)"
+        )
+    raise GateRefused(
+        f"cannot take the deploy lock on {hr.name}: {answer.error or 'no answer'}; rebuild needs "
+        "root on the host (user = \"root\", or sudo = true with sudo rights)"
+    )
+
+
+def release_remote_lock(hr: HostRun) -> None:
+    if not hr.remote_locked:
+        return
+    try:
+        hr.run(hostops.release_script(hr.record.run_id), timeout=20)
+        hr.remote_locked = False
+    except RebuildError as exc:
+        log.warning("could not release the host lock", host=hr.name, error=str(exc))
+
+
+# --- the steps on one host ---------------------------------------------------------------------
+
+
+def expected_system(loaded: Loaded, target: Target, flake: str | None = None) -> str:
+    argv = nixos.nix_eval_argv(loaded.inventory.nix, flake or loaded.flake, target.attr)
+    done = process.run(argv, timeout=NIX_EVAL_TIMEOUT)
+    path = done.stdout.strip()
+    if not done.ok or not path.startswith("/"):
+        tail = " ".join(done.stderr.strip().splitlines()[-3:]) or f"exit {done.returncode}"
+        raise BuildFailed(f"{target.name}: cannot evaluate {target.attr}: {tail}")
+    return path
+
+
+def gather(hr: HostRun, *, boot: bool) -> facts.Facts:
+    spec = hr.target.settings.verify
+    script = facts.script(spec, services=not boot)
+    timeout = facts.COMMAND_TIMEOUT * max(1, len(spec.commands)) + 30
+    result = hr.run(script, timeout=timeout, privileged=False)
+    return facts.parse(result.stdout, spec)
+
+
+def verify_host(hr: HostRun, expected: str | None, *, boot: bool = False,
+                settle_timeout: float | None = None) -> Report:  # fmt: skip
+    return run_checks(
+        lambda: gather(hr, boot=boot),
+        hr.target.settings.verify,
+        expected,
+        host=hr.name,
+        boot=boot,
+        settle_timeout=settle_timeout,
+    )
+
+
+def arm_timer(hr: HostRun) -> None:
+    if hr.previous is None:
+        raise RemoteError(f"{hr.name}: the current system is unknown; no dead-man timer possible")
+    seconds = hr.target.settings.rollback_timeout
+    result = hr.run(hostops.arm_timer_script(hr.record.run_id, hr.previous, seconds), timeout=30)
+    if not result.ok:
+        raise RemoteError(
+            f"{hr.name}: cannot arm the dead-man timer: "
+            f"{(result.stderr or result.stdout).strip()[-300:]}"
+        )
+    hr.timer_armed_at = time.monotonic()
+
+
+def cancel_timer(hr: HostRun) -> bool:
+    """Cancel the dead-man timer and prove it is gone."""
+    result = hr.run(hostops.cancel_timer_script(hr.record.run_id), timeout=30)
+    gone = hostops.timer_gone(result.stdout)
+    if gone:
+        hr.timer_armed_at = None
+    return gone
+
+
+@contextlib.contextmanager
+def heartbeat(hr: HostRun, active: bool) -> Iterator[None]:
+    """While nixos-rebuild runs, keep pushing the dead-man deadline forward: if we lose the
+    host (its new configuration cut us off) the timer fires one timeout after the last beat."""
+    if not active:
+        yield
+        return
+    stop = threading.Event()
+    interval = max(3.0, min(30.0, hr.target.settings.rollback_timeout / 3))
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                arm_timer(hr)
+            except RebuildError:
+                continue
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{hr.name}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=35)
+
+
+def current_system(hr: HostRun) -> str | None:
+    return facts.parse_store_path(
+        hr.run(f"readlink -f {facts.CURRENT_SYSTEM}; true\n", timeout=20, privileged=False)
+        .stdout.splitlines()
+    )
+
+
+def wait_for_return(hr: HostRun, console: Console, cancel: threading.Event) -> str | None:
+    """The host vanished after activation: wait for its timer to fire, then reconnect."""
+    armed = hr.timer_armed_at or time.monotonic()
+    deadline = armed + hr.target.settings.rollback_timeout
+    give_up = deadline + LOST_GRACE + hr.endpoint.connect_timeout * 3
+    console.host_line(
+        hr.name,
+        f"host lost; its dead-man timer restores {hr.previous} within "
+        f"{max(0, deadline - time.monotonic()):.0f}s; waiting to reconnect",
+    )
+    hr.close()
+    while time.monotonic() < give_up and not cancel.is_set():
+        if time.monotonic() >= deadline:
+            try:
+                return current_system(hr)
+            except RebuildError:
+                hr.close()
+        cancel.wait(RECONNECT_INTERVAL)
+    return None
+
+
+def run_nixos_rebuild(hr: HostRun, loaded: Loaded, console: Console,
+                      cancel: threading.Event) -> process.Completed:  # fmt: skip
+    env = child_env(loaded, hr.target)
+    log.info("running nixos-rebuild", host=hr.name, command=hr.command)
+    return process.stream(
+        hr.command,
+        env=env,
+        on_line=lambda line: console.host_line(hr.name, line),
+        cancel=cancel,
+    )
+
+
+def deploy_host(hr: HostRun, loaded: Loaded, opts: Options, console: Console,
+                cancel: threading.Event) -> None:  # fmt: skip
+    """One host, after every gate passed and the operator confirmed. Raises the outcome."""
+    use_timer = hr.timer_wanted and opts.rollback and hr.previous is not None
+    if use_timer:
+        arm_timer(hr)
+        console.host_line(
+            hr.name,
+            f"dead-man timer armed: {hostops.timer_unit(hr.record.run_id)} restores "
+            f"{hr.previous} in {hr.target.settings.rollback_timeout}s unless verified",
+        )
+    with heartbeat(hr, use_timer):
+        done = run_nixos_rebuild(hr, loaded, console, cancel)
+    if done.returncode == 130 or cancel.is_set():
+        raise Interrupted(
+            f"{hr.name}: interrupted during nixos-rebuild"
+            + (f"; the dead-man timer restores {hr.previous} unless a later run confirms"
+               if use_timer else "")
+        )  # fmt: skip
+    if use_timer:
+        with contextlib.suppress(RebuildError):
+            arm_timer(hr)  # a full window for verification
+    activated_anyway = False
+    if not done.ok:
+        tail = "\n".join(done.stderr.splitlines()[-10:])
+        if hr.action not in ("switch", "test"):
+            raise BuildFailed(f"{hr.name}: nixos-rebuild exited {done.returncode}:\n{tail}")
+        try:
+            now = current_system(hr)
+        except RebuildError:
+            now = None
+            if use_timer:
+                return lost(hr, console, cancel)
+        if now is not None and now == hr.expected and now != hr.previous:
+            activated_anyway = True
+            console.host_line(
+                hr.name,
+                f"nixos-rebuild exited {done.returncode} after activating the new system; "
+                "verifying it",
+            )
+        else:
+            if use_timer:
+                with contextlib.suppress(RebuildError):
+                    cancel_timer(hr)
+            raise BuildFailed(f"{hr.name}: nixos-rebuild exited {done.returncode}:\n{tail}")
+    if hr.action in ("build", "dry-activate"):
+        hr.record.result, hr.record.exit_code = "ok", 0
+        return None
+    if not opts.verify and not activated_anyway:
+        if use_timer:
+            try:
+                cancel_timer(hr)
+            except RebuildError:
+                return lost(hr, console, cancel)
+        hr.record.message = "verification skipped (--no-verify)"
+        hr.record.final_system = hr.expected
+        hr.record.result, hr.record.exit_code = "ok", 0
+        return None
+    report = verify_host(hr, hr.expected, boot=hr.action == "boot")
+    hr.report = report
+    hr.record.checks = [c.to_json() for c in report.checks]
+    hr.record.final_system = report.current_system
+    console.report(report)
+    if report.ok:
+        if use_timer and not cancel_timer(hr):
+            raise RemoteError(f"{hr.name}: verified, but the dead-man timer could not be cancelled")
+        hr.record.result, hr.record.exit_code = "ok", 0
+        return None
+    host_lost = report.checks and report.checks[0].name == "ssh" and not report.checks[0].ok
+    if host_lost and use_timer:
+        return lost(hr, console, cancel)
+    if use_timer or (opts.rollback and hr.action in ("switch", "test") and hr.previous):
+        return rollback_now(hr, console)
+    raise VerifyFailed(
+        f"{hr.name}: verification failed; the host stays on {report.current_system}"
+        + (" (--no-rollback)" if not opts.rollback else "")
+    )
+
+
+def rollback_now(hr: HostRun, console: Console) -> None:
+    if hr.previous is None:
+        raise VerifyFailed(f"{hr.name}: verification failed and the previous system is unknown")
+    console.host_line(hr.name, f"verification failed: rolling back to {hr.previous}")
+    result = hr.run(hostops.rollback_now_script(hr.record.run_id, hr.previous), timeout=600)
+    settle = min(30.0, hr.target.settings.verify.settle_timeout)
+    again = verify_host(hr, hr.previous, settle_timeout=settle)
+    hr.rollback_report = again
+    hr.record.rollback_checks = [c.to_json() for c in again.checks]
+    hr.record.final_system = again.current_system
+    console.report(again, title="after rollback")
+    if again.current_system == hr.previous:
+        state = "and it verifies" if again.ok else "but some checks still fail on it"
+        raise RolledBack(
+            f"{hr.name}: verification failed; rolled back to {hr.previous} {state}"
+            + ("" if result.ok else f" (activation exited {result.exited})")
+        )
+    raise RemoteError(
+        f"{hr.name}: verification failed and the rollback did not take: the host runs "
+        f"{again.current_system}; log in and run `nixos-rebuild switch --rollback`"
+    )
+
+
+def lost(hr: HostRun, console: Console, cancel: threading.Event) -> None:
+    now = wait_for_return(hr, console, cancel)
+    hr.record.final_system = now
+    if now is not None and now == hr.previous:
+        raise RolledBack(
+            f"{hr.name}: the host was lost after activation; its dead-man timer restored "
+            f"{hr.previous} and it answers again"
+        )
+    if now is None:
+        raise RemoteError(
+            f"{hr.name}: the host did not come back; its dead-man timer should have restored "
+            f"{hr.previous}; check it from the provider's console"
+        )
+    raise RemoteError(
+        f"{hr.name}: the host answers again but runs {now}, not the previous system; "
+        "run `invoke verify` and decide"
+    )
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def finish(hr: HostRun, exc: BaseException | None) -> None:
+    rec = hr.record
+    if isinstance(exc, RebuildError):
+        rec.result, rec.exit_code, rec.message = exc.result, exc.exit_code, str(exc)
+    elif exc is not None:
+        rec.result, rec.exit_code = "error", 1
+        rec.message = f"internal error: {type(exc).__name__}: {exc}"
+    rec.duration_s = round(time.monotonic() - hr.started, 3)
+
+
+def make_runs(loaded: Loaded, targets: list[Target], opts: Options, run_id: str,
+              operator: dict[str, str]) -> list[HostRun]:  # fmt: skip
+    runs = []
+    for target in targets:
+        action = opts.action or target.settings.action
+        record = audit.Record(
+            run_id=run_id,
+            host=target.name,
+            address=target.address,
+            action=action,
+            flake=loaded.flake,
+            attr=target.attr,
+            operator=operator,
+        )
+        if opts.rollback_generation:
+            record.event = "rollback"
+        runs.append(HostRun(target, record, endpoint_for(loaded, target), action))
+    return runs
+
+
+def rebuild(loaded: Loaded, targets: list[Target], opts: Options, console: Console) -> int:
+    """`invoke rebuild` for one or many hosts; returns the exit code."""
+    run_id = audit.new_run_id()
+    me = identity.current()
+    operator = {"name": "", "hostname": me.hostname, "machine_id": me.machine_id}
+    runs = make_runs(loaded, targets, opts, run_id, operator)
+    cancel = threading.Event()
+    structlog.contextvars.bind_contextvars(run_id=run_id)
+    stage = "gates"
+    try:
+        operator["name"] = operator_gate(loaded, me)
+        state = gitstate.read(loaded.flake_dir) if loaded.flake_dir else None
+        overrides = git_gate(state, opts.allow_dirty)
+        for hr in runs:
+            hr.record.commit = state.commit if state else None
+            hr.record.dirty = bool(state and state.dirty)
+            hr.record.overrides.extend(overrides)
+            if not opts.verify:
+                hr.record.overrides.append("no-verify")
+            if not opts.rollback:
+                hr.record.overrides.append("no-rollback")
+            hr.command = nixos.nixos_rebuild_argv(
+                loaded.inventory.nixos_rebuild, hr.action, loaded.flake, hr.target,
+                rollback=opts.rollback_generation,
+            )  # fmt: skip
+            hr.record.command = list(hr.command)
+        host_key_gate(runs)
+        terminal_gate(opts)
+        stage = "evaluate"
+        if not opts.rollback_generation:
+            with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+                paths = list(pool.map(lambda h: expected_system(loaded, h.target), runs))
+            for hr, path in zip(runs, paths, strict=True):
+                hr.expected = hr.record.expected_system = path
+        if not opts.dry_run:
+            stage = "lock"
+            state_dir = loaded.audit_log.parent
+            for hr in runs:
+                hr.local_lock = take_local_lock(state_dir, hr.name, run_id)
+            owner = hostops.LockOwner(
+                run_id=run_id, operator=operator["name"], hostname=me.hostname,
+                machine_id=me.machine_id, pid=os.getpid(), since=time.time(),
+            )  # fmt: skip
+            errors = _parallel(
+                runs,
+                lambda hr: remote_lock(hr, owner, me, break_lock=opts.break_lock,
+                                       stale_after=loaded.inventory.lock_stale_after),
+                opts.jobs,
+            )  # fmt: skip
+            refused = [e for e in errors if e is not None]
+            if refused:
+                raise refused[0]
+            if opts.rollback_generation:
+                for hr in runs:
+                    hr.expected = hr.record.expected_system = previous_generation(hr)
+        plan = Plan(
+            run_id=run_id,
+            commit=state.commit if state else None,
+            subject=state.subject if state else "",
+            dirty_files=state.dirty_files if state else (),
+            overrides=tuple(runs[0].record.overrides) if runs else (),
+            hosts=tuple(host_plan(hr, opts) for hr in runs),
+            batches=batches([hr.name for hr in runs], batch=opts.batch, canary=opts.canary),
+        )
+        console.say(render_plan(plan))
+        if opts.dry_run:
+            console.say("\n--dry-run: stopping after the plan; nothing was run on any host.")
+            for hr in runs:
+                hr.record.result, hr.record.exit_code = "ok", 0
+                hr.record.message = "dry run: plan only"
+                hr.record.overrides.append("dry-run")
+            return 0
+        stage = "confirm"
+        confirm(runs, opts, loaded, console)
+        stage = "deploy"
+        return rollout(runs, plan, loaded, opts, console, cancel)
+    except KeyboardInterrupt:
+        cancel.set()
+        if stage in ("gates", "evaluate", "lock", "confirm"):
+            exc: RebuildError = Declined("aborted (Ctrl-C) before anything changed")
+        else:
+            exc = Interrupted("interrupted (Ctrl-C)")
+        for hr in runs:
+            if not _finished(hr):
+                finish(hr, exc)
+        console.error(str(exc))
+        return exc.exit_code
+    except RebuildError as exc:
+        for hr in runs:
+            if not _finished(hr):
+                finish(hr, exc)
+        console.error(str(exc))
+        return exc.exit_code
+    finally:
+        for hr in runs:
+            if not _finished(hr):
+                finish(hr, RebuildError("run ended without an outcome"))
+            if hr.record.duration_s == 0:
+                hr.record.duration_s = round(time.monotonic() - hr.started, 3)
+            release_remote_lock(hr)
+            release_local_lock(hr.local_lock)
+            hr.close()
+            try:
+                audit.append(loaded.audit_log, hr.record)
+            except OSError as exc:
+                console.error(f"cannot write the audit record to {loaded.audit_log}: {exc}")
+        if opts.json:
+            _print_json(runs)
+        structlog.contextvars.clear_contextvars()
+
+
+def _finished(hr: HostRun) -> bool:
+    return not (hr.record.result == "error" and hr.record.exit_code == 1 and not hr.record.message)
+
+
+def _parallel(runs: list[HostRun], fn: Callable[[HostRun], None],
+              jobs: int) -> list[BaseException | None]:  # fmt: skip
+    def wrapped(hr: HostRun) -> BaseException | None:
+        try:
+            fn(hr)
+        except RebuildError as exc:
+            return exc
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(wrapped, runs))
+
+
+def host_plan(hr: HostRun, opts: Options) -> HostPlan:
+    spec = hr.target.settings
+    return HostPlan(
+        host=hr.name,
+        address=spec.address,
+        user=spec.user,
+        action=hr.action + (" --rollback" if opts.rollback_generation else ""),
+        flake_attr=f"{hr.record.flake}#{hr.target.attr}",
+        command=tuple(hr.command),
+        expected_system=hr.expected,
+        current_system=hr.previous,
+        checks=check_names(spec.verify, hr.action, opts.verify),
+        rollback_timeout=spec.rollback_timeout if opts.rollback else 0,
+    )
+
+
+def previous_generation(hr: HostRun) -> str:
+    numbers, current = hostops.parse_generations(
+        hr.run(hostops.generations_script(), timeout=30).stdout
+    )
+    older = [n for n in numbers if current is not None and n < current]
+    if not older:
+        raise GateRefused(f"{hr.name}: no generation older than the current one to roll back to")
+    path = facts.parse_store_path(
+        hr.run(hostops.generation_path_script(max(older)), timeout=30).stdout.splitlines()
+    )
+    if path is None:
+        raise GateRefused(f"{hr.name}: cannot read the previous generation's system")
+    return path
+
+
+def confirm(runs: list[HostRun], opts: Options, loaded: Loaded, console: Console) -> None:
+    if opts.yes:
+        return
+    verb = "Roll back" if opts.rollback_generation else "Deploy"
+    if len(runs) == 1 and not opts.every:
+        hr = runs[0]
+        answer = console.ask(f"{verb} {hr.name} ({hr.target.address})? [y/N] ")
+        if answer.lower() not in ("y", "yes"):
+            raise Declined(f"declined at the prompt; nothing was changed on {hr.name}")
+        return
+    count = len(runs)
+    if opts.every or count > loaded.inventory.confirm_count_above:
+        answer = console.ask(f"{verb} {count} hosts? Type {count} to confirm: ")
+        if answer != str(count):
+            raise Declined("declined at the prompt; nothing was changed on any host")
+        return
+    names = ", ".join(hr.name for hr in runs)
+    answer = console.ask(f"{verb} {names}? [y/N] ")
+    if answer.lower() not in ("y", "yes"):
+        raise Declined("declined at the prompt; nothing was changed on any host")
+
+
+def rollout(runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Options, console: Console,
+            cancel: threading.Event) -> int:  # fmt: skip
+    by_name = {hr.name: hr for hr in runs}
+    failures = 0
+    stopped = False
+    for batch in plan.batches:
+        group = [by_name[name] for name in batch]
+        if stopped or cancel.is_set():
+            for hr in group:
+                hr.record.result, hr.record.exit_code = "skipped", 0
+                hr.record.message = "not reached: the rollout stopped before this batch"
+                release_remote_lock(hr)
+            continue
+
+        def one(hr: HostRun) -> None:
+            try:
+                deploy_host(hr, loaded, opts, console, cancel)
+            except BaseException as exc:
+                finish(hr, exc)
+                if not isinstance(exc, RebuildError):
+                    log.exception("internal error", host=hr.name)
+            else:
+                finish(hr, None)
+            finally:
+                release_remote_lock(hr)
+
+        with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+            futures = [pool.submit(one, hr) for hr in group]
+            pending = set(futures)
+            try:
+                while pending:
+                    _, pending = wait(pending, timeout=0.2)
+            except KeyboardInterrupt:
+                cancel.set()
+                console.error("interrupted: stopping nixos-rebuild; dead-man timers stay armed")
+                wait(futures)
+        failures += sum(1 for hr in group if hr.record.exit_code != 0)
+        if failures > opts.max_fail:
+            stopped = True
+    if len(runs) > 1:
+        console.say(summary(runs))
+    return most_severe([hr.record.exit_code for hr in runs])
+
+
+def summary(runs: list[HostRun]) -> str:
+    lines = ["", f"{'host':16} {'result':14} {'exit':4} {'duration':>9}  system"]
+    for hr in runs:
+        r = hr.record
+        lines.append(
+            f"{hr.name:16} {r.result:14} {r.exit_code:<4} {r.duration_s:>8.1f}s  "
+            f"{r.final_system or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def _print_json(runs: list[HostRun]) -> None:
+    import json
+    import sys
+
+    for hr in runs:
+        report = hr.report
+        data: dict[str, object] = (
+            report.to_json()
+            if report is not None
+            else {"host": hr.name, "ok": False, "current_system": hr.record.final_system,
+                  "expected_system": hr.expected, "checks": []}
+        )  # fmt: skip
+        data["ok"] = hr.record.exit_code == 0 and (report is None or report.ok)
+        data["result"] = hr.record.result
+        data["exit_code"] = hr.record.exit_code
+        data["run_id"] = hr.record.run_id
+        if hr.rollback_report is not None:
+            data["rollback_checks"] = [c.to_json() for c in hr.rollback_report.checks]
+        sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def verify_only(loaded: Loaded, target: Target, console: Console, *, json_mode: bool) -> int:
+    """`invoke verify`: the checks alone against what HEAD evaluates to."""
+    hr = HostRun(
+        target=target,
+        record=audit.Record(
+            run_id=audit.new_run_id(), host=target.name, address=target.address,
+            action="verify", flake=loaded.flake, attr=target.attr, operator={},
+        ),
+        endpoint=endpoint_for(loaded, target),
+        action="verify",
+    )
+    try:
+        if not key_is_known(hr.endpoint):
+            raise GateRefused(unknown_key_message(hr.endpoint))
+        flake = head_flake_ref(loaded)
+        expected = expected_system(loaded, target, flake)
+        hr.connection()
+        report = verify_host(hr, expected, settle_timeout=0)
+    except RebuildError as exc:
+        if json_mode:
+            import json
+            import sys
+
+            sys.stdout.write(json.dumps({
+                "host": target.name, "ok": False, "current_system": None,
+                "expected_system": None, "error": str(exc),
+                "checks": [Check("ssh", False, str(exc)).to_json()],
+            }, sort_keys=True) + "\n")  # fmt: skip
+        console.error(str(exc))
+        return exc.exit_code if not isinstance(exc, RemoteError) else VerifyFailed.exit_code
+    finally:
+        hr.close()
+    if json_mode:
+        import json
+        import sys
+
+        sys.stdout.write(json.dumps(report.to_json(), sort_keys=True) + "\n")
+    else:
+        console.report(report)
+    return 0 if report.ok else VerifyFailed.exit_code
+
+
+def head_flake_ref(loaded: Loaded) -> str:
+    """The flake as committed: a dirty working tree must not hide drift from HEAD."""
+    if loaded.flake_dir is None:
+        return loaded.flake
+    state = gitstate.read(loaded.flake_dir)
+    if state.is_repo and state.dirty and state.commit:
+        return f"git+file://{loaded.flake}?rev={state.commit}"
+    return loaded.flake

@@ -1,0 +1,221 @@
+"""Remote scripts rebuild runs on a host besides verification: the deploy lock, the dead-man
+timer and the rollback. Pure builders and parsers; every value is quoted here."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from rebuild.facts import CURRENT_SYSTEM, SYSTEM_PROFILE
+from rebuild.remote import quote
+
+LOCK_DIR = "/run/rebuild-lock"
+MARK = "@@rebuild-op@@"
+
+
+def timer_unit(run_id: str) -> str:
+    return f"rebuild-rollback-{run_id}"
+
+
+# --- locks -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockOwner:
+    """Who holds a host's deploy lock."""
+
+    run_id: str
+    operator: str
+    hostname: str
+    machine_id: str
+    pid: int
+    since: float
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    def describe(self) -> str:
+        return (
+            f"run {self.run_id} by {self.operator} on {self.hostname} (pid {self.pid}), "
+            f"since {_iso(self.since)}"
+        )
+
+
+def _iso(epoch: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_owner(text: str) -> LockOwner | None:
+    try:
+        data = json.loads(text)
+        return LockOwner(
+            run_id=str(data["run_id"]),
+            operator=str(data["operator"]),
+            hostname=str(data["hostname"]),
+            machine_id=str(data["machine_id"]),
+            pid=int(data["pid"]),
+            since=float(data["since"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def acquire_script(owner: LockOwner) -> str:
+    """Take the lock atomically (mkdir) and report the systems, in one round trip."""
+    return f"""\
+echo '{MARK} lock'
+if err=$(mkdir {LOCK_DIR} 2>&1); then
+  printf '%s\\n' {quote(owner.to_json())} | tee {LOCK_DIR}/owner >/dev/null && echo acquired
+else
+  case "$err" in
+    *exists*) echo held; cat {LOCK_DIR}/owner 2>/dev/null; echo ;;
+    *) echo "error $err" ;;
+  esac
+fi
+echo '{MARK} current'; readlink -f {CURRENT_SYSTEM} 2>/dev/null
+echo '{MARK} profile'; readlink -f {SYSTEM_PROFILE} 2>/dev/null
+echo '{MARK} end'
+"""
+
+
+def release_script(run_id: str) -> str:
+    """Remove the lock only if it is still ours."""
+    return (
+        f"if cat {LOCK_DIR}/owner 2>/dev/null | grep -qF {quote(run_id)}; then "
+        f"rm -rf {LOCK_DIR}; fi; true\n"
+    )
+
+
+def break_script(stale_run_id: str) -> str:
+    """Remove a stale lock, only if it still belongs to the run we judged stale."""
+    return (
+        f"if cat {LOCK_DIR}/owner 2>/dev/null | grep -qF {quote(stale_run_id)}; then "
+        f"rm -rf {LOCK_DIR} && echo broken; fi; true\n"
+    )
+
+
+@dataclass(frozen=True)
+class LockAnswer:
+    acquired: bool
+    holder: LockOwner | None
+    error: str
+    current_system: str | None
+    profile_system: str | None
+
+
+def parse_sections(output: str) -> dict[str, list[str]]:
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in output.splitlines():
+        if line.startswith(MARK + " "):
+            current = sections.setdefault(line[len(MARK) + 1 :].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return sections
+
+
+def _store_path(lines: list[str]) -> str | None:
+    for line in lines:
+        if line.startswith("/"):
+            return line.strip()
+    return None
+
+
+def parse_acquire(output: str) -> LockAnswer:
+    s = parse_sections(output)
+    lock = [line for line in s.get("lock", []) if line.strip()]
+    first = lock[0] if lock else "error no answer from the lock step"
+    holder = parse_owner("\n".join(lock[1:])) if first == "held" else None
+    return LockAnswer(
+        acquired=first == "acquired",
+        holder=holder,
+        error=first.removeprefix("error ").strip() if first.startswith("error") else "",
+        current_system=_store_path(s.get("current", [])),
+        profile_system=_store_path(s.get("profile", [])),
+    )
+
+
+def lock_is_stale(holder: LockOwner, *, now: float, stale_after: float, machine_id: str,
+                  pid_alive: bool) -> bool:  # fmt: skip
+    """A lock may be broken when it is older than the limit, or when its run on this very
+    machine is gone."""
+    if holder.machine_id == machine_id and not pid_alive:
+        return True
+    return now - holder.since > stale_after
+
+
+# --- dead-man timer and rollback ----------------------------------------------------------
+
+
+def arm_timer_script(run_id: str, previous: str, seconds: int) -> str:
+    """(Re-)schedule the rollback to `previous` in `seconds`; the old timer of this run goes."""
+    unit = timer_unit(run_id)
+    restore = (
+        f"nix-env -p {SYSTEM_PROFILE} --set {quote(previous)} && "
+        f"{quote(previous + '/bin/switch-to-configuration')} switch"
+    )
+    return (
+        f"systemctl stop {quote(unit + '.timer')} {quote(unit + '.service')} 2>/dev/null; "
+        f"systemd-run --on-active={seconds}s --unit={quote(unit)} --collect "
+        f"--description={quote('rebuild dead-man rollback to ' + previous)} "
+        f'--setenv=PATH="$PATH" -- /bin/sh -c {quote(restore)}\n'
+    )
+
+
+def timer_state_script(run_id: str) -> str:
+    unit = timer_unit(run_id)
+    return (
+        f"systemctl show -p Id,LoadState,ActiveState,SubState --no-pager -- "
+        f"{quote(unit + '.timer')} 2>/dev/null; true\n"
+    )
+
+
+def cancel_timer_script(run_id: str) -> str:
+    """Stop the timer, then show its state so the caller can prove it is gone."""
+    unit = timer_unit(run_id)
+    return f"systemctl stop {quote(unit + '.timer')} 2>/dev/null; " + timer_state_script(run_id)
+
+
+def timer_gone(show_output: str) -> bool:
+    """After a cancel: the timer is not loaded any more (or at least not waiting)."""
+    fields = dict(
+        line.split("=", 1) for line in show_output.splitlines() if "=" in line
+    )
+    return fields.get("LoadState") in ("not-found", None) or fields.get("ActiveState") in (
+        "inactive",
+        "failed",
+    )
+
+
+def rollback_now_script(run_id: str, previous: str) -> str:
+    """Roll back at once: cancel the timer, pin the profile to `previous`, activate it."""
+    unit = timer_unit(run_id)
+    return (
+        f"systemctl stop {quote(unit + '.timer')} 2>/dev/null; "
+        f"nix-env -p {SYSTEM_PROFILE} --set {quote(previous)} && "
+        f"systemd-run --wait --collect --quiet --unit={quote(unit + '-now')} "
+        f'--setenv=PATH="$PATH" -- {quote(previous + "/bin/switch-to-configuration")} switch\n'
+    )
+
+
+def generations_script() -> str:
+    return f"nix-env -p {SYSTEM_PROFILE} --list-generations 2>&1; true\n"
+
+
+def parse_generations(output: str) -> tuple[list[int], int | None]:
+    """`nix-env --list-generations`: the numbers, and the current one."""
+    numbers: list[int] = []
+    current = None
+    for line in output.splitlines():
+        words = line.split()
+        if words and words[0].isdigit():
+            numbers.append(int(words[0]))
+            if "(current)" in line:
+                current = int(words[0])
+    return numbers, current
+
+
+def generation_path_script(number: int) -> str:
+    return f"readlink -f {SYSTEM_PROFILE}-{int(number)}-link 2>/dev/null; true\n"

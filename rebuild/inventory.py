@@ -1,0 +1,397 @@
+"""The inventory: frozen, strictly validated models and `load(path)`, the only place that reads it.
+
+Every value that reaches an argv list, NIX_SSHOPTS or a remote shell is checked here, so an
+address or a name that could carry shell syntax never gets further than validation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from rebuild.errors import ConfigError
+
+DEFAULT_INVENTORY = "inventory.toml"
+ENV_INVENTORY = "REBUILD_INVENTORY"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
+_ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]{0,127}$")
+_OUTPUT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,255}$")
+_UNIT_RE = re.compile(
+    r"^[A-Za-z0-9_][A-Za-z0-9:_.@\\-]{0,250}"
+    r"\.(service|socket|target|timer|mount|automount|path|slice|scope|device|swap)$"
+)
+_PATH_RE = re.compile(r"^[^\s'\"\\;&|$`<>(){}*?!#]+$")
+_MACHINE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_URL_RE = re.compile(r"^https?://[^\s'\"\\`]+$")
+_EXTRA_ARG_RE = re.compile(r"^[^\x00-\x1f]+$")
+
+ACTIONS = ("switch", "boot", "test", "dry-activate", "build")
+Action = Literal["switch", "boot", "test", "dry-activate", "build"]
+
+
+def _check(pattern: re.Pattern[str], what: str) -> Any:
+    def validate(value: str) -> str:
+        if not pattern.match(value):
+            raise ValueError(f"{value!r} is not a valid {what}")
+        return value
+
+    return AfterValidator(validate)
+
+
+def _address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _DNS_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not an IP address or DNS name (letters, digits, '-', '.')"
+            ) from None
+    return value
+
+
+def _build_host(value: str) -> str:
+    if value in ("", "target"):
+        return value
+    user, _, host = value.rpartition("@")
+    if (user and not _USER_RE.match(user)) or not host:
+        raise ValueError(f"{value!r} is not \"\", \"target\" or user@host")
+    _address(host)
+    return value
+
+
+Name = Annotated[str, _check(_NAME_RE, "name (letters, digits, '-', '_')")]
+User = Annotated[str, _check(_USER_RE, "user name")]
+Address = Annotated[str, AfterValidator(_address)]
+Attr = Annotated[str, _check(_ATTR_RE, "flake attribute name")]
+Unit = Annotated[str, _check(_UNIT_RE, "systemd unit name (e.g. sshd.service)")]
+SafePath = Annotated[str, _check(_PATH_RE, "path (no spaces, quotes or shell characters)")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Url = Annotated[str, _check(_URL_RE, "http(s) URL")]
+ExtraArg = Annotated[str, _check(_EXTRA_ARG_RE, "argument (no control characters)")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class Operator(_Strict):
+    """One machine allowed to deploy."""
+
+    name: Name
+    machine_id: Annotated[str, _check(_MACHINE_ID_RE, "machine-id (32 lowercase hex digits)")]
+    hostname: Annotated[str, AfterValidator(_address)] | None = None
+
+
+class HttpCheck(_Strict):
+    """A URL fetched on the host that must answer with `status`."""
+
+    url: Url
+    status: Annotated[int, Field(ge=100, le=599)] = 200
+
+
+class CommandCheck(_Strict):
+    """An operator-written POSIX sh command run on the host; exit 0 passes."""
+
+    name: Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[^\x00-\x1f]+$")]
+    run: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class VerifySpec(_Strict):
+    """What verification checks on the host after a switch or test."""
+
+    units: tuple[Unit, ...] = ()
+    ports: tuple[Port, ...] = ()
+    settle_timeout: Annotated[float, Field(ge=0, le=3600)] = 60
+    http: tuple[HttpCheck, ...] = ()
+    commands: tuple[CommandCheck, ...] = ()
+
+
+class HostSettings(_Strict):
+    """Every per-host key; also the shape of `[defaults]` (where every key is optional)."""
+
+    address: Address
+    port: Port = 22
+    user: User = "root"
+    attr: Attr | None = None
+    identity_file: SafePath | None = None
+    sudo: bool = False
+    sudo_flag: Literal["--sudo", "--use-remote-sudo"] = "--sudo"
+    build_host: Annotated[str, AfterValidator(_build_host)] = ""
+    action: Action = "switch"
+    tags: tuple[Name, ...] = ()
+    rollback_timeout: Annotated[int, Field(ge=0, le=86400)] = 90
+    extra_args: tuple[ExtraArg, ...] = ()
+    use_substitutes: bool = True
+    image_variant: Annotated[str, _check(_NAME_RE, "image variant")] = "linode"
+    image_output: Annotated[str, _check(_OUTPUT_RE, "flake output path")] | None = None
+    sops_path_regex: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    verify: VerifySpec = VerifySpec()
+
+    @model_validator(mode="after")
+    def _timer_outlasts_checks(self) -> HostSettings:
+        if 0 < self.rollback_timeout <= self.verify.settle_timeout:
+            raise ValueError(
+                f"rollback_timeout ({self.rollback_timeout}) must be longer than "
+                f"verify.settle_timeout ({self.verify.settle_timeout:g}), or the dead-man timer "
+                "fires while checks still run; raise it or set 0 to turn the timer off"
+            )
+        return self
+
+
+class Defaults(_Strict):
+    """`[defaults]`: any host key, applied to every host that does not set it."""
+
+    address: Address | None = None
+    port: Port | None = None
+    user: User | None = None
+    identity_file: SafePath | None = None
+    sudo: bool | None = None
+    sudo_flag: Literal["--sudo", "--use-remote-sudo"] | None = None
+    build_host: Annotated[str, AfterValidator(_build_host)] | None = None
+    action: Action | None = None
+    tags: tuple[Name, ...] | None = None
+    rollback_timeout: Annotated[int, Field(ge=0, le=86400)] | None = None
+    extra_args: tuple[ExtraArg, ...] | None = None
+    use_substitutes: bool | None = None
+    image_variant: Annotated[str, _check(_NAME_RE, "image variant")] | None = None
+    verify: VerifySpec | None = None
+
+
+def _default_audit_log() -> str:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(state) / "rebuild" / "audit.jsonl")
+
+
+class Inventory(BaseSettings):
+    """The whole inventory file, with `REBUILD_*` environment overrides."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REBUILD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    flake: Annotated[str, Field(min_length=1, pattern=r"^[^\s'\"\\;&|$`<>]+$")] = "."
+    known_hosts: SafePath = "~/.ssh/known_hosts"
+    audit_log: Annotated[str, Field(min_length=1)] = Field(default_factory=_default_audit_log)
+    nixos_rebuild: SafePath = "nixos-rebuild"
+    nix: SafePath = "nix"
+    connect_timeout: Annotated[int, Field(ge=1, le=300)] = 10
+    lock_stale_after: Annotated[int, Field(ge=60)] = 3600
+    confirm_count_above: Annotated[int, Field(ge=1)] = 3
+    operators: tuple[Operator, ...] = ()
+    defaults: Defaults = Defaults()
+    hosts: dict[Name, HostSettings] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file: REBUILD_HOSTS__VPS__PORT=2200 overrides the port.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaults = data.get("defaults")
+        hosts = data.get("hosts")
+        if not isinstance(defaults, dict) or not isinstance(hosts, dict):
+            return data
+        known = set(HostSettings.model_fields) & set(Defaults.model_fields)
+        merged = {}
+        for name, host in hosts.items():
+            if isinstance(host, dict):
+                inherited = {k: v for k, v in defaults.items() if k in known and k not in host}
+                merged[name] = {**inherited, **host}
+            else:
+                merged[name] = host
+        return {**data, "hosts": merged}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One host of the inventory, with its name and the resolved flake attribute."""
+
+    name: str
+    settings: HostSettings
+
+    @property
+    def attr(self) -> str:
+        return self.settings.attr or self.name
+
+    @property
+    def address(self) -> str:
+        return self.settings.address
+
+    @property
+    def destination(self) -> str:
+        return f"{self.settings.user}@{self.settings.address}"
+
+    @property
+    def sops_path_regex(self) -> str:
+        return self.settings.sops_path_regex or rf"secrets/{self.name}/[^/]+\.(yaml|json|env|ini)$"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A validated inventory and where it came from; paths are resolved against its folder."""
+
+    path: Path
+    inventory: Inventory
+
+    @property
+    def flake(self) -> str:
+        """The flake reference for nix: an absolute path for a local flake, else the URL."""
+        flake = self.inventory.flake
+        if is_flake_url(flake):
+            return flake
+        return str((self.path.parent / Path(flake).expanduser()).resolve())
+
+    @property
+    def flake_dir(self) -> Path | None:
+        """The local flake's folder, or None for a flake URL (no git gate applies)."""
+        return None if is_flake_url(self.inventory.flake) else Path(self.flake)
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.path.parent / Path(self.inventory.known_hosts).expanduser()
+
+    @property
+    def audit_log(self) -> Path:
+        return self.path.parent / Path(self.inventory.audit_log).expanduser()
+
+    def identity_file(self, target: Target) -> Path | None:
+        ident = target.settings.identity_file
+        return None if ident is None else self.path.parent / Path(ident).expanduser()
+
+    def targets(self) -> list[Target]:
+        return [Target(name, spec) for name, spec in self.inventory.hosts.items()]
+
+    def target(self, name: str) -> Target:
+        spec = self.inventory.hosts.get(name)
+        if spec is None:
+            known = ", ".join(self.inventory.hosts) or "none"
+            raise ConfigError(
+                f"{self.path}: unknown host {name!r} (hosts: {known}); "
+                "check the name with `invoke hosts`"
+            )
+        return Target(name, spec)
+
+    def select(
+        self, names: list[str] | None = None, tags: list[str] | None = None, every: bool = False
+    ) -> list[Target]:
+        """Hosts by name, by tag (union) or all, in inventory order; none selected is an error."""
+        if every:
+            chosen = self.targets()
+        else:
+            wanted = {self.target(n).name for n in names or []}
+            for tag in tags or []:
+                tagged = {t.name for t in self.targets() if tag in t.settings.tags}
+                if not tagged:
+                    raise ConfigError(f"{self.path}: no host has the tag {tag!r}")
+                wanted |= tagged
+            chosen = [t for t in self.targets() if t.name in wanted]
+        if not chosen:
+            raise ConfigError("no host selected: give --host NAME, --tag TAG or --all")
+        return chosen
+
+
+def is_flake_url(flake: str) -> bool:
+    """`github:o/r`, `git+https://...`, `path:/x` are URLs; `.`, `../x`, `/x` are local paths."""
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*:", flake))
+
+
+def inventory_path(explicit: str | None) -> Path:
+    """--inventory, else $REBUILD_INVENTORY, else ./inventory.toml."""
+    return Path(explicit or os.environ.get(ENV_INVENTORY) or DEFAULT_INVENTORY).expanduser()
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item.startswith(("function-after", "function-before")) or item in (
+            "constrained-str",
+            "str",
+            "int",
+            "float",
+            "bool",
+            "literal",
+        ):
+            continue
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or "(top level)"
+
+
+def format_validation_error(path: Path, error: ValidationError) -> str:
+    """One line per problem: file, key path, what is wrong."""
+    lines = []
+    for err in error.errors(include_url=False):
+        where = _loc(tuple(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see docs/reference/index.md)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        given = err.get("input")
+        if err["type"] not in ("extra_forbidden", "missing") and isinstance(
+            given, str | int | float | bool
+        ):
+            msg = f"{msg} (got {given!r})" if repr(given) not in msg else msg
+        lines.append(f"{path}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse(path: Path, text: str) -> Inventory:
+    """Validate inventory text; every problem raises ConfigError naming the file and key path."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return Inventory(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from None
+
+
+def load(explicit: str | None = None) -> Loaded:
+    """Read and validate the inventory at --inventory, $REBUILD_INVENTORY or ./inventory.toml."""
+    path = inventory_path(explicit)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no inventory here; run from the repository root or pass --inventory PATH"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the inventory: {exc}") from None
+    return Loaded(path.resolve(), parse(path, text))

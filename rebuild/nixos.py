@@ -1,0 +1,113 @@
+"""Pure argv builders for nix, nixos-rebuild and the ssh options they use."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rebuild.inventory import Target
+
+EXPERIMENTAL = ("--extra-experimental-features", "nix-command flakes")
+SERVER_ALIVE_INTERVAL = 5
+SERVER_ALIVE_COUNT_MAX = 3
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How rebuild reaches a host over ssh: strict keys, bounded time, one shared connection."""
+
+    port: int
+    known_hosts: Path
+    identity_file: Path | None
+    connect_timeout: int
+    control_dir: Path | None
+
+
+def toplevel_attr(flake: str, attr: str) -> str:
+    return f"{flake}#nixosConfigurations.{attr}.config.system.build.toplevel.outPath"
+
+
+def nix_eval_argv(nix: str, flake: str, attr: str) -> list[str]:
+    """`nix eval --raw` of the host's system: the store path the deploy must end on."""
+    return [nix, *EXPERIMENTAL, "eval", "--raw", toplevel_attr(flake, attr)]
+
+
+def nix_build_argv(nix: str, flake: str, output: str) -> list[str]:
+    """`nix build` of a named flake output (an image), printing its store path."""
+    return [nix, *EXPERIMENTAL, "build", "--print-out-paths", "--no-link", f"{flake}#{output}"]
+
+
+def ssh_options(ssh: SshSettings) -> list[str]:
+    """ssh options, strict first: ssh keeps the first value of a repeated `-o`."""
+    opts = [
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={ssh.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "UpdateHostKeys=no",
+        "-o", "BatchMode=yes",
+        "-o", f"ConnectTimeout={ssh.connect_timeout}",
+        "-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
+        "-o", f"ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}",
+    ]  # fmt: skip
+    if ssh.control_dir is not None:
+        opts += [
+            "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={ssh.control_dir}/%C",
+            "-o", "ControlPersist=60",
+        ]  # fmt: skip
+    if ssh.identity_file is not None:
+        opts += ["-o", "IdentitiesOnly=yes", "-i", str(ssh.identity_file)]
+    opts += ["-p", str(ssh.port)]
+    return opts
+
+
+def nix_sshopts(ssh: SshSettings, inherited: str = "") -> str:
+    """NIX_SSHOPTS: rebuild's options first, then the operator's own (they cannot weaken ours)."""
+    ours = shlex.join(ssh_options(ssh))
+    return f"{ours} {inherited}".strip()
+
+
+def nixos_rebuild_argv(
+    program: str,
+    action: str,
+    flake: str,
+    target: Target,
+    *,
+    rollback: bool = False,
+) -> list[str]:
+    """The exact nixos-rebuild command line for a host (an argv list, never a shell string)."""
+    spec = target.settings
+    argv = [program, action, "--flake", f"{flake}#{target.attr}"]
+    if action != "build":
+        argv += ["--target-host", target.destination]
+    if spec.build_host == "target":
+        argv += ["--build-host", target.destination]
+    elif spec.build_host:
+        argv += ["--build-host", spec.build_host]
+    if spec.sudo and action != "build":
+        argv.append(spec.sudo_flag)
+    if spec.use_substitutes and action != "build":
+        argv.append("--use-substitutes")
+    if rollback:
+        argv.append("--rollback")
+    argv += list(spec.extra_args)
+    return argv
+
+
+def build_image_argv(program: str, flake: str, target: Target) -> list[str]:
+    """`nixos-rebuild build-image` with the host's image variant (the upstream image workflow)."""
+    return [
+        program,
+        "build-image",
+        "--image-variant",
+        target.settings.image_variant,
+        "--flake",
+        f"{flake}#{target.attr}",
+    ]
+
+
+def render(argv: Sequence[str]) -> str:
+    """A command line for display only (the plan); never executed through a shell."""
+    return shlex.join(argv)

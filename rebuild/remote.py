@@ -1,0 +1,214 @@
+"""The one SSH seam: a Fabric connection with strict host keys; quoting happens here only."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import paramiko
+from fabric import Config, Connection
+from invoke.exceptions import CommandTimedOut
+from paramiko.hostkeys import HostKeyEntry, HostKeys
+
+from rebuild.errors import GateRefused, RemoteError
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    """What a remote command gave back."""
+
+    exited: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and as whom to connect, and with which trust anchors."""
+
+    name: str
+    address: str
+    port: int
+    user: str
+    known_hosts: Path
+    identity_file: Path | None = None
+    connect_timeout: float = 10
+    sudo: bool = False
+    sudo_password: str | None = field(default=None, repr=False)
+
+    @property
+    def key_name(self) -> str:
+        """The name host keys are filed under in known_hosts."""
+        return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+
+
+def known_host_keys(path: Path) -> tuple[HostKeys, list[str]]:
+    """Parse known_hosts; lines paramiko cannot use (@cert-authority, wildcards) are reported."""
+    keys = HostKeys()
+    skipped: list[str] = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return keys, skipped
+    except OSError as exc:
+        raise GateRefused(f"cannot read known_hosts {path}: {exc}") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("@"):
+            skipped.append(f"{path}:{lineno}: {line.split()[0]} lines are not supported")
+            continue
+        try:
+            entry = HostKeyEntry.from_line(line, lineno)
+        except Exception:
+            skipped.append(f"{path}:{lineno}: malformed line")
+            continue
+        if entry is None:
+            skipped.append(f"{path}:{lineno}: unsupported key type")
+            continue
+        for name in entry.hostnames:
+            if any(ch in name for ch in "*?!"):
+                skipped.append(f"{path}:{lineno}: wildcard pattern {name!r} is not supported")
+                continue
+            keys.add(name, entry.key.get_name(), entry.key)
+    return keys, skipped
+
+
+def key_is_known(endpoint: Endpoint) -> bool:
+    """The local half of the host-key gate: is there any key for this host in known_hosts?"""
+    keys, _ = known_host_keys(endpoint.known_hosts)
+    return keys.lookup(endpoint.key_name) is not None
+
+
+def unknown_key_message(endpoint: Endpoint) -> str:
+    port = f"-p {endpoint.port} " if endpoint.port != 22 else ""
+    return (
+        f"host key of {endpoint.name} ({endpoint.key_name}) is not in {endpoint.known_hosts}; "
+        f"verify its fingerprint out of band (provider console: ssh-keygen -lf "
+        f"/etc/ssh/ssh_host_ed25519_key.pub), then add it: ssh-keyscan {port}{endpoint.address} "
+        f">> {endpoint.known_hosts}"
+    )
+
+
+def changed_key_message(endpoint: Endpoint) -> str:
+    return (
+        f"HOST KEY CHANGED for {endpoint.name} ({endpoint.key_name}): the key it offers differs "
+        f"from {endpoint.known_hosts}; this may be an attack or a reinstalled host. Verify the "
+        f"new fingerprint out of band, then replace the entry (ssh-keygen -R '{endpoint.key_name}' "
+        f"-f {endpoint.known_hosts})"
+    )
+
+
+class Remote:
+    """One SSH connection to a host, reused for every command of a run."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        config = Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
+        connect_kwargs: dict[str, object] = {
+            "banner_timeout": endpoint.connect_timeout,
+            "auth_timeout": endpoint.connect_timeout,
+            "allow_agent": True,
+            "look_for_keys": endpoint.identity_file is None,
+        }
+        if endpoint.identity_file is not None:
+            connect_kwargs["key_filename"] = str(endpoint.identity_file)
+        self.conn = Connection(
+            host=endpoint.address,
+            user=endpoint.user,
+            port=endpoint.port,
+            config=config,
+            connect_timeout=endpoint.connect_timeout,
+            connect_kwargs=connect_kwargs,
+        )
+        # Fabric installs AutoAddPolicy unconditionally: trust only the inventory's known_hosts.
+        keys, _ = known_host_keys(endpoint.known_hosts)
+        client_keys = self.conn.client.get_host_keys()
+        for hostname, by_type in keys.items():
+            for keytype, key in by_type.items():
+                client_keys.add(hostname, keytype, key)
+        self.conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+
+    def open(self) -> Remote:
+        try:
+            self.conn.open()
+            transport = self.conn.client.get_transport()
+            if transport is not None:
+                transport.set_keepalive(5)
+        except paramiko.BadHostKeyException:
+            self.close()
+            raise GateRefused(changed_key_message(self.endpoint)) from None
+        except paramiko.SSHException as exc:
+            self.close()
+            if "not found in known_hosts" in str(exc):
+                raise GateRefused(unknown_key_message(self.endpoint)) from None
+            raise RemoteError(
+                f"cannot connect to {self.endpoint.name} ({self.endpoint.key_name}): {exc}"
+            ) from None
+        except (OSError, EOFError) as exc:
+            self.close()
+            reason = (
+                "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
+            )
+            raise RemoteError(
+                f"cannot reach {self.endpoint.name} ({self.endpoint.key_name}): {reason}"
+            ) from None
+        return self
+
+    def __enter__(self) -> Remote:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a dead connection may fail
+            self.conn.close()
+
+    def run(self, script: str, *, timeout: float = 60, privileged: bool = False) -> RemoteResult:
+        """Run a POSIX sh script on the host; privileged scripts go through sudo when configured.
+
+        The script is composed by rebuild with every inventory value already quoted (`quote`).
+        """
+        command = script
+        if privileged and self.endpoint.sudo:
+            command = sudo_command(script)
+        try:
+            result = self.conn.run(
+                command, hide=True, warn=True, in_stream=False, timeout=timeout, pty=False
+            )
+        except CommandTimedOut:
+            raise RemoteError(
+                f"{self.endpoint.name}: a remote command timed out after {timeout:g}s"
+            ) from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise RemoteError(f"{self.endpoint.name}: connection lost: {exc}") from None
+        return RemoteResult(int(result.exited), str(result.stdout), str(result.stderr))
+
+
+def sudo_command(script: str) -> str:
+    """Run a script as root through non-interactive sudo (a password is never put in argv)."""
+    return "sudo -n -- sh -c " + shlex.quote(script)
+
+
+def quote(value: str) -> str:
+    return shlex.quote(value)
+
+
+def join(argv: Sequence[str]) -> str:
+    return shlex.join(argv)

@@ -1,0 +1,195 @@
+"""rebuild's Invoke tasks: parse flags, call the library, map its errors to exit codes.
+
+Imports of the library happen inside the tasks so that `invoke --list` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+
+INVENTORY_HELP = "inventory file (default: $REBUILD_INVENTORY, else ./inventory.toml)"
+HOST_HELP = "host name from the inventory"
+
+
+def _bash() -> None:
+    """Invoke defaults to /bin/bash, which NixOS lacks; use whatever bash is on PATH."""
+    os.environ.setdefault("INVOKE_RUN_SHELL", shutil.which("bash") or "/bin/sh")
+
+
+def _guard(json_mode: bool, body: Callable[[], int]) -> None:
+    """Run a task body: errors become one line and an exit code, never a traceback."""
+    _bash()
+    from rebuild.audit import configure_logging
+    from rebuild.errors import Declined, RebuildError
+
+    configure_logging(json_output=json_mode)
+    try:
+        code = body()
+    except RebuildError as exc:
+        raise Exit(f"error: {exc}", code=exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise Exit("error: aborted (Ctrl-C)", code=Declined.exit_code) from None
+    except Exception as exc:
+        raise Exit(
+            f"error: internal error ({type(exc).__name__}: {exc}); please report it", code=1
+        ) from None
+    if code:
+        raise Exit(code=code)
+
+
+@task(
+    iterable=["host", "tag"],
+    auto_shortflags=False,
+    help={
+        "host": HOST_HELP + " (repeatable)",
+        "tag": "every host with this tag (repeatable; union with --host)",
+        "all": "every host of the inventory (you type the host count to confirm)",
+        "action": "switch|boot|test|dry-activate|build (default: the host's action, else switch)",
+        "yes": "do not ask for confirmation (for automation)",
+        "dry_run": "run the gates and show the plan; change nothing anywhere",
+        "allow_dirty": "deploy from an uncommitted tree (recorded in the audit)",
+        "no_verify": "skip verification after activation",
+        "no_rollback": "never roll back: no dead-man timer, failed hosts stay on the new system",
+        "json": "print one JSON object per host on stdout (logs as JSON on stderr)",
+        "batch": "hosts per batch (default: all at once)",
+        "canary": "deploy the first host alone, then the rest",
+        "max_fail": "stop after a batch that brings the failures past K (default 0)",
+        "jobs": "hosts deployed in parallel within a batch (default 8)",
+        "break_lock": "break a stale host lock (recorded in the audit)",
+        "inventory": INVENTORY_HELP,
+    },
+)
+def rebuild(
+    c: Context,
+    host: list[str],
+    tag: list[str],
+    all: bool = False,
+    action: str | None = None,
+    yes: bool = False,
+    dry_run: bool = False,
+    allow_dirty: bool = False,
+    no_verify: bool = False,
+    no_rollback: bool = False,
+    json: bool = False,
+    batch: int = 0,
+    canary: bool = False,
+    max_fail: int = 0,
+    jobs: int = 8,
+    break_lock: bool = False,
+    inventory: str | None = None,
+) -> None:
+    """Deploy hosts: gates, plan, confirmation, nixos-rebuild, verification, rollback, audit.
+
+    Example: invoke rebuild --host vps
+    """
+    from rebuild import cli, deploy
+
+    opts = deploy.Options(
+        action=action, yes=yes, dry_run=dry_run, allow_dirty=allow_dirty, verify=not no_verify,
+        rollback=not no_rollback, json=json, batch=batch or None, canary=canary,
+        max_fail=max_fail, jobs=jobs, break_lock=break_lock, every=all,
+    )  # fmt: skip
+    _guard(json, lambda: cli.rebuild(inventory, host, tag, opts))
+
+
+@task(
+    auto_shortflags=False,
+    help={"host": HOST_HELP, "json": "print one JSON object", "inventory": INVENTORY_HELP},
+)
+def verify(c: Context, host: str, json: bool = False, inventory: str | None = None) -> None:
+    """Verify a running host: expected system (from HEAD), units, ports, URLs, commands.
+
+    Example: invoke verify --host vps
+    """
+    from rebuild import cli
+
+    _guard(json, lambda: cli.verify(inventory, host, json))
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "host": HOST_HELP,
+        "yes": "do not ask for confirmation",
+        "dry_run": "gates and plan only",
+        "allow_dirty": "allow an uncommitted tree (recorded in the audit)",
+        "no_verify": "skip verification afterwards",
+        "json": "print one JSON object on stdout",
+        "break_lock": "break a stale host lock (recorded in the audit)",
+        "inventory": INVENTORY_HELP,
+    },
+)
+def rollback(
+    c: Context,
+    host: str,
+    yes: bool = False,
+    dry_run: bool = False,
+    allow_dirty: bool = False,
+    no_verify: bool = False,
+    json: bool = False,
+    break_lock: bool = False,
+    inventory: str | None = None,
+) -> None:
+    """Return a host to its previous generation (nixos-rebuild switch --rollback), with gates.
+
+    Example: invoke rollback --host vps
+    """
+    from rebuild import cli, deploy
+
+    opts = deploy.Options(
+        action="switch", yes=yes, dry_run=dry_run, allow_dirty=allow_dirty,
+        verify=not no_verify, rollback=False, json=json, break_lock=break_lock,
+        rollback_generation=True,
+    )  # fmt: skip
+    _guard(json, lambda: cli.rebuild(inventory, [host], [], opts))
+
+
+@task(auto_shortflags=False, help={"inventory": INVENTORY_HELP})
+def hosts(c: Context, inventory: str | None = None) -> None:
+    """List the inventory, one host a line (name, address, user, action, attr, tags).
+
+    Example: invoke hosts
+    """
+    from rebuild import cli
+
+    _guard(False, lambda: cli.hosts(inventory))
+
+
+@task(
+    auto_shortflags=False,
+    help={"name": "operator name for the printed lines (default: hostname)",
+          "inventory": INVENTORY_HELP},
+)  # fmt: skip
+def operator(c: Context, name: str | None = None, inventory: str | None = None) -> None:
+    """Show this machine's identity and the [[operators]] lines that would authorize it.
+
+    Example: invoke operator --name work-laptop
+    """
+    from rebuild import cli
+
+    _guard(False, lambda: cli.operator(inventory, name))
+
+
+@task(
+    auto_shortflags=False,
+    help={"host": "only this host", "json": "JSON lines", "limit": "last N records (0: all)",
+          "inventory": INVENTORY_HELP},
+)  # fmt: skip
+def history(
+    c: Context, host: str | None = None, json: bool = False, limit: int = 0,
+    inventory: str | None = None,
+) -> None:  # fmt: skip
+    """Show the audit trail, oldest first.
+
+    Example: invoke history --host vps --json
+    """
+    from rebuild import cli
+
+    _guard(json, lambda: cli.history(inventory, host, json, limit))
+
