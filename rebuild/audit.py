@@ -23,7 +23,13 @@ RESULTS = (
     "ok", "refused", "declined", "build_failed", "verify_failed", "rolled_back", "interrupted",
     "error", "skipped",
 )  # fmt: skip
-SECRET_KEYS = frozenset({"password", "sudo_password", "secret", "passphrase", "token"})
+SECRET_WORDS = ("password", "passphrase", "secret", "token")
+
+
+def is_secret_key(key: object) -> bool:
+    """Keys whose values must never be written: any key naming a password, secret or token."""
+    lowered = str(key).lower()
+    return any(word in lowered for word in SECRET_WORDS)
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:
@@ -103,7 +109,7 @@ def redact_value(value: Any) -> Any:
     """Drop values under secret-looking keys, recursively."""
     if isinstance(value, dict):
         return {
-            k: ("[redacted]" if str(k).lower() in SECRET_KEYS else redact_value(v))
+            k: ("[redacted]" if is_secret_key(k) else redact_value(v))
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -114,7 +120,7 @@ def redact_value(value: Any) -> Any:
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: no secret-looking key ever reaches a log line."""
     for key in list(event_dict):
-        if key.lower() in SECRET_KEYS:
+        if is_secret_key(key):
             event_dict[key] = "[redacted]"
     return event_dict
 

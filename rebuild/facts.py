@@ -115,27 +115,27 @@ def parse_failed_units(lines: list[str]) -> tuple[str, ...]:
     return tuple(units)
 
 
-def parse_show(lines: list[str]) -> dict[str, UnitState]:
-    """`systemctl show -p Id,LoadState,ActiveState,SubState a b`: blank-line separated blocks."""
-    units: dict[str, UnitState] = {}
+def parse_show(lines: list[str], names: tuple[str, ...] = ()) -> dict[str, UnitState]:
+    """`systemctl show -p Id,LoadState,ActiveState,SubState a b`: blank-line separated blocks,
+    one per argument in order. Blocks are matched to the asked `names` by position (an alias
+    such as dbus.service answers with its canonical Id), else by Id."""
+    blocks: list[dict[str, str]] = []
     block: dict[str, str] = {}
-
-    def flush() -> None:
-        if "Id" in block:
-            units[block["Id"]] = UnitState(
-                load=block.get("LoadState", ""),
-                active=block.get("ActiveState", ""),
-                sub=block.get("SubState", ""),
-            )
-        block.clear()
-
     for line in [*lines, ""]:
         if not line.strip():
-            flush()
+            if block:
+                blocks.append(block)
+                block = {}
             continue
         key, _, value = line.partition("=")
         block[key.strip()] = value.strip()
-    return units
+    states = [
+        UnitState(b.get("LoadState", ""), b.get("ActiveState", ""), b.get("SubState", ""))
+        for b in blocks
+    ]
+    if names and len(blocks) == len(names):
+        return dict(zip(names, states, strict=True))
+    return {b["Id"]: st for b, st in zip(blocks, states, strict=True) if "Id" in b}
 
 
 _PORT_RE = re.compile(r":(\d+)$")
@@ -168,7 +168,7 @@ def parse_command(lines: list[str]) -> CommandOutcome:
 def parse(output: str, spec: VerifySpec) -> Facts:
     """All facts from one run of `script(spec)`."""
     s = split_sections(output)
-    units = parse_show(s.get("units", []))
+    units = parse_show(s.get("units", []), spec.units)
     http = {i: " ".join(s.get(f"http {i}", [])).strip() for i in range(len(spec.http))}
     commands = {i: parse_command(s.get(f"command {i}", [])) for i in range(len(spec.commands))}
     state = s.get("state", [])

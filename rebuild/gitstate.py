@@ -40,7 +40,7 @@ def parse_porcelain(output: str) -> tuple[str, ...]:
             continue
         status, path = entry[:2], entry[3:]
         paths.append(path)
-        if status[0] in "RC":  # a rename carries its source path as the next entry
+        if "R" in status or "C" in status:  # a rename carries its source path next
             i += 1
     return tuple(paths)
 

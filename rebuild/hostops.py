@@ -66,13 +66,12 @@ def acquire_script(owner: LockOwner) -> str:
     """Take the lock atomically (mkdir) and report the systems, in one round trip."""
     return f"""\
 echo '{MARK} lock'
-if err=$(mkdir {LOCK_DIR} 2>&1); then
+if err=$(LC_ALL=C mkdir {LOCK_DIR} 2>&1); then
   printf '%s\\n' {quote(owner.to_json())} | tee {LOCK_DIR}/owner >/dev/null && echo acquired
+elif ls -d {LOCK_DIR} >/dev/null 2>&1; then
+  echo held; cat {LOCK_DIR}/owner 2>/dev/null; echo
 else
-  case "$err" in
-    *exists*) echo held; cat {LOCK_DIR}/owner 2>/dev/null; echo ;;
-    *) echo "error $err" ;;
-  esac
+  echo "error $err"
 fi
 echo '{MARK} current'; readlink -f {CURRENT_SYSTEM} 2>/dev/null
 echo '{MARK} profile'; readlink -f {SYSTEM_PROFILE} 2>/dev/null
@@ -180,13 +179,10 @@ def cancel_timer_script(run_id: str) -> str:
 
 def timer_gone(show_output: str) -> bool:
     """After a cancel: the timer is not loaded any more (or at least not waiting)."""
-    fields = dict(
-        line.split("=", 1) for line in show_output.splitlines() if "=" in line
-    )
-    return fields.get("LoadState") in ("not-found", None) or fields.get("ActiveState") in (
-        "inactive",
-        "failed",
-    )
+    fields = dict(line.split("=", 1) for line in show_output.splitlines() if "=" in line)
+    if fields.get("LoadState") == "not-found":
+        return True
+    return fields.get("ActiveState") in ("inactive", "failed")
 
 
 def rollback_now_script(run_id: str, previous: str) -> str:

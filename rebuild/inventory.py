@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -68,6 +69,13 @@ def _address(value: str) -> str:
     return value
 
 
+def _no_bool(value: Any) -> Any:
+    """TOML `true` is not a number: refuse it instead of reading it as 1."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
 def _build_host(value: str) -> str:
     if value in ("", "target"):
         return value
@@ -84,7 +92,8 @@ Address = Annotated[str, AfterValidator(_address)]
 Attr = Annotated[str, _check(_ATTR_RE, "flake attribute name")]
 Unit = Annotated[str, _check(_UNIT_RE, "systemd unit name (e.g. sshd.service)")]
 SafePath = Annotated[str, _check(_PATH_RE, "path (no spaces, quotes or shell characters)")]
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=65535)]
+Seconds = Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=86400)]
 Url = Annotated[str, _check(_URL_RE, "http(s) URL")]
 ExtraArg = Annotated[str, _check(_EXTRA_ARG_RE, "argument (no control characters)")]
 
@@ -105,7 +114,7 @@ class HttpCheck(_Strict):
     """A URL fetched on the host that must answer with `status`."""
 
     url: Url
-    status: Annotated[int, Field(ge=100, le=599)] = 200
+    status: Annotated[int, BeforeValidator(_no_bool), Field(ge=100, le=599)] = 200
 
 
 class CommandCheck(_Strict):
@@ -120,7 +129,7 @@ class VerifySpec(_Strict):
 
     units: tuple[Unit, ...] = ()
     ports: tuple[Port, ...] = ()
-    settle_timeout: Annotated[float, Field(ge=0, le=3600)] = 60
+    settle_timeout: Annotated[float, BeforeValidator(_no_bool), Field(ge=0, le=3600)] = 60
     http: tuple[HttpCheck, ...] = ()
     commands: tuple[CommandCheck, ...] = ()
 
@@ -138,7 +147,7 @@ class HostSettings(_Strict):
     build_host: Annotated[str, AfterValidator(_build_host)] = ""
     action: Action = "switch"
     tags: tuple[Name, ...] = ()
-    rollback_timeout: Annotated[int, Field(ge=0, le=86400)] = 90
+    rollback_timeout: Seconds = 90
     extra_args: tuple[ExtraArg, ...] = ()
     use_substitutes: bool = True
     image_variant: Annotated[str, _check(_NAME_RE, "image variant")] = "linode"
@@ -169,7 +178,7 @@ class Defaults(_Strict):
     build_host: Annotated[str, AfterValidator(_build_host)] | None = None
     action: Action | None = None
     tags: tuple[Name, ...] | None = None
-    rollback_timeout: Annotated[int, Field(ge=0, le=86400)] | None = None
+    rollback_timeout: Seconds | None = None
     extra_args: tuple[ExtraArg, ...] | None = None
     use_substitutes: bool | None = None
     image_variant: Annotated[str, _check(_NAME_RE, "image variant")] | None = None
@@ -220,6 +229,7 @@ class Inventory(BaseSettings):
     def _apply_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        data = _fold_env_hosts(data)
         defaults = data.get("defaults")
         hosts = data.get("hosts")
         if not isinstance(defaults, dict) or not isinstance(hosts, dict):
@@ -233,6 +243,30 @@ class Inventory(BaseSettings):
             else:
                 merged[name] = host
         return {**data, "hosts": merged}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _fold_env_hosts(data: dict[str, Any]) -> dict[str, Any]:
+    """Environment keys arrive lower-cased: REBUILD_HOSTS__WEB1__PORT must reach [hosts.Web1]."""
+    hosts = data.get("hosts")
+    if not isinstance(hosts, dict):
+        return data
+    canonical = {k.lower(): k for k in hosts if not k.islower()}
+    folded = {k: v for k, v in hosts.items() if not (k.islower() and k in canonical)}
+    for name, value in hosts.items():
+        twin = canonical.get(name) if name.islower() else None
+        if twin is not None and isinstance(value, dict) and isinstance(folded[twin], dict):
+            folded[twin] = _deep_merge(folded[twin], value)
+    return {**data, "hosts": folded}
 
 
 @dataclass(frozen=True)

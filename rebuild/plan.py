@@ -42,7 +42,7 @@ def check_names(spec: VerifySpec, action: str, verify: bool) -> tuple[str, ...]:
     names = ["ssh", "current-system", "system-state", "failed-units"]
     names += [f"unit {u}" for u in spec.units]
     names += [f"port {p}" for p in spec.ports]
-    names += [f"http {h.url} ({h.status})" for h in spec.http]
+    names += [f"http {h.url}" for h in spec.http]
     names += [f"command {c.name}" for c in spec.commands]
     return tuple(names)
 

@@ -1,0 +1,329 @@
+"""Host-side scripts: the deploy lock, the dead-man timer and the rollback, run under a real sh."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rebuild import hostops
+from rebuild.hostops import (
+    LockOwner,
+    acquire_script,
+    arm_timer_script,
+    break_script,
+    cancel_timer_script,
+    generation_path_script,
+    lock_is_stale,
+    parse_acquire,
+    parse_generations,
+    parse_owner,
+    release_script,
+    rollback_now_script,
+    timer_gone,
+    timer_unit,
+)
+
+SYSTEM = "/nix/store/9d0mxm9bvyw2l7h8dz1mkvdbgtqlxdfn-nixos-system-vps-24.11.20241120.2ac5bf0"
+PREVIOUS = "/nix/store/2b7qfbq1bzkbwkl4w3pdyq1qjbcxxr8h-nixos-system-vps-24.11.20241101.1e2f3a4"
+RUN_ID = "20261125-193000-a1b2c3"
+MID = "0123456789abcdef0123456789abcdef"
+
+ME = LockOwner(RUN_ID, "work-laptop", "laptop", MID, 4242, 1_764_099_000.0)
+OTHER = LockOwner("20261125-194500-d4e5f6", "ci", "runner", "f" * 32, 77, 1_764_099_900.0)
+
+# Stand-ins for the host's programs that record their argv (one argument a line).
+RECORDER = """#!/bin/sh
+{ echo "$(basename "$0")"; for a in "$@"; do printf '[%s]\\n' "$a"; done; } >> "$FAKE_LOG"
+"""
+READLINK = f"""#!/bin/sh
+case "$2" in
+  /run/current-system) echo {SYSTEM} ;;
+  /nix/var/nix/profiles/system) echo {PREVIOUS} ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake host root: the lock lives under tmp_path, programs are recorders."""
+    monkeypatch.setattr(hostops, "LOCK_DIR", str(tmp_path / "run" / "rebuild-lock"))
+    (tmp_path / "run").mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("systemctl", "systemd-run", "nix-env"):
+        (bin_dir / name).write_text(RECORDER, encoding="utf-8")
+    (bin_dir / "readlink").write_text(READLINK, encoding="utf-8")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return tmp_path
+
+
+def sh(root: Path, script: str, **env: str) -> str:
+    values = {
+        "PATH": f"{root / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "FAKE_LOG": str(root / "calls.log"),
+        "LC_ALL": "C",
+    }
+    values.update(env)
+    done = subprocess.run(
+        ["/bin/sh", "-c", script], capture_output=True, text=True, env=values, timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def calls(root: Path) -> list[list[str]]:
+    """The recorded program calls: [program, arg, arg, ...]."""
+    out: list[list[str]] = []
+    for line in (root / "calls.log").read_text(encoding="utf-8").splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            out[-1].append(line[1:-1])
+        else:
+            out.append([line])
+    return out
+
+
+class TestRemoteLock:
+    def test_first_acquire_takes_the_lock(self, host: Path) -> None:
+        """The first acquire takes the lock, records its owner and reports both systems."""
+        answer = parse_acquire(sh(host, acquire_script(ME)))
+        assert answer.acquired
+        assert answer.holder is None
+        assert answer.error == ""
+        assert (answer.current_system, answer.profile_system) == (SYSTEM, PREVIOUS)
+        owner = (Path(hostops.LOCK_DIR) / "owner").read_text(encoding="utf-8")
+        assert parse_owner(owner) == ME
+
+    def test_second_acquire_reports_the_holder(self, host: Path) -> None:
+        """A second run finds the lock held and learns exactly who holds it."""
+        sh(host, acquire_script(ME))
+        answer = parse_acquire(sh(host, acquire_script(OTHER)))
+        assert not answer.acquired
+        assert answer.holder == ME
+        assert answer.error == ""
+        assert answer.current_system == SYSTEM
+
+    def test_unexpected_failure_is_an_error(
+        self, host: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A lock folder that cannot be created is an error with mkdir's reason, not 'held'."""
+        monkeypatch.setattr(hostops, "LOCK_DIR", str(host / "missing" / "rebuild-lock"))
+        answer = parse_acquire(sh(host, acquire_script(ME)))
+        assert not answer.acquired
+        assert answer.holder is None
+        assert "No such file or directory" in answer.error
+
+    def test_release_removes_only_our_lock(self, host: Path) -> None:
+        """Another run's release leaves our lock; our own release removes it."""
+        sh(host, acquire_script(ME))
+        sh(host, release_script(OTHER.run_id))
+        assert Path(hostops.LOCK_DIR).is_dir()
+        sh(host, release_script(ME.run_id))
+        assert not Path(hostops.LOCK_DIR).exists()
+        assert parse_acquire(sh(host, acquire_script(OTHER))).acquired
+
+    def test_break_only_the_lock_judged_stale(self, host: Path) -> None:
+        """Breaking a stale lock removes it only if the same run still holds it."""
+        sh(host, acquire_script(OTHER))
+        assert sh(host, break_script(ME.run_id)) == ""
+        assert Path(hostops.LOCK_DIR).is_dir()
+        assert sh(host, break_script(OTHER.run_id)).strip() == "broken"
+        assert not Path(hostops.LOCK_DIR).exists()
+
+    def test_release_without_lock_is_harmless(self, host: Path) -> None:
+        """Releasing when no lock exists does nothing and does not fail."""
+        sh(host, release_script(ME.run_id))
+        assert not Path(hostops.LOCK_DIR).exists()
+
+    def test_held_lock_recognised_in_any_language(self, host: Path) -> None:
+        """A held lock is reported as held on a host whose messages are in German."""
+        probe = subprocess.run(
+            ["mkdir", str(host)], capture_output=True, text=True, check=False,
+            env={"LANG": "C.UTF-8", "LANGUAGE": "de", "PATH": os.environ.get("PATH", "")},
+        )  # fmt: skip
+        if "exists" in probe.stderr:
+            pytest.skip("coreutils translations are not installed here")
+        german = {"LC_ALL": "", "LANG": "C.UTF-8", "LANGUAGE": "de"}
+        sh(host, acquire_script(ME), **german)
+        answer = parse_acquire(sh(host, acquire_script(OTHER), **german))
+        assert answer.holder == ME
+
+
+class TestParseAcquire:
+    def test_no_answer(self) -> None:
+        """Output without the lock section is an error, never an acquired lock."""
+        answer = parse_acquire("")
+        assert not answer.acquired
+        assert answer.error == "no answer from the lock step"
+
+    def test_held_with_unreadable_owner(self) -> None:
+        """A held lock whose owner file is garbage is still held, with an unknown holder."""
+        answer = parse_acquire("@@rebuild-op@@ lock\nheld\nnot json\n\n@@rebuild-op@@ end\n")
+        assert not answer.acquired
+        assert answer.holder is None
+        assert answer.error == ""
+
+
+class TestLockOwner:
+    def test_json_round_trip(self) -> None:
+        """The owner written to the host reads back identical."""
+        assert parse_owner(ME.to_json()) == ME
+
+    @pytest.mark.parametrize("text", ["", "{", "[]", '{"run_id": "x"}', '{"pid": "abc"}'])
+    def test_garbage_is_no_owner(self, text: str) -> None:
+        """An unreadable owner file gives no owner rather than an exception."""
+        assert parse_owner(text) is None
+
+    def test_describe(self) -> None:
+        """The refusal names the run, the operator, the machine, the pid and since when (UTC)."""
+        assert ME.describe() == (
+            f"run {RUN_ID} by work-laptop on laptop (pid 4242), since 2025-11-25T19:30:00Z"
+        )
+
+
+class TestLockIsStale:
+    def test_own_machine_dead_pid(self) -> None:
+        """A lock from this machine whose process is gone is stale at once."""
+        assert lock_is_stale(ME, now=ME.since + 5, stale_after=3600, machine_id=MID,
+                             pid_alive=False)  # fmt: skip
+
+    def test_own_machine_live_pid(self) -> None:
+        """A recent lock of a live process on this machine is not stale."""
+        assert not lock_is_stale(ME, now=ME.since + 5, stale_after=3600, machine_id=MID,
+                                 pid_alive=True)  # fmt: skip
+
+    def test_other_machine_recent(self) -> None:
+        """Another machine's recent lock is respected even if a pid with its number is dead here."""
+        assert not lock_is_stale(OTHER, now=OTHER.since + 60, stale_after=3600, machine_id=MID,
+                                 pid_alive=False)  # fmt: skip
+
+    def test_other_machine_old(self) -> None:
+        """Any lock older than the limit is stale."""
+        assert lock_is_stale(OTHER, now=OTHER.since + 3601, stale_after=3600, machine_id=MID,
+                             pid_alive=True)  # fmt: skip
+
+    def test_exactly_at_the_limit(self) -> None:
+        """A lock exactly as old as the limit is not yet stale."""
+        assert not lock_is_stale(OTHER, now=OTHER.since + 3600, stale_after=3600,
+                                 machine_id=MID, pid_alive=True)  # fmt: skip
+
+
+class TestDeadManTimer:
+    def test_unit_name(self) -> None:
+        """The timer unit is rebuild-rollback-<run id>."""
+        assert timer_unit(RUN_ID) == f"rebuild-rollback-{RUN_ID}"
+
+    def test_arm_runs_systemd_run_with_the_restore(self, host: Path) -> None:
+        """Arming stops this run's old timer, then schedules the restore of the previous system."""
+        sh(host, arm_timer_script(RUN_ID, PREVIOUS, 90))
+        stop, run = calls(host)
+        unit = f"rebuild-rollback-{RUN_ID}"
+        assert stop == ["systemctl", "stop", f"{unit}.timer", f"{unit}.service"]
+        assert run[0] == "systemd-run"
+        assert "--on-active=90s" in run
+        assert f"--unit={unit}" in run
+        assert f"--description=rebuild dead-man rollback to {PREVIOUS}" in run
+        sep = run.index("--")
+        assert run[sep + 1 : sep + 3] == ["/bin/sh", "-c"]
+        assert shlex.split(run[sep + 3]) == [
+            "nix-env", "-p", "/nix/var/nix/profiles/system", "--set", PREVIOUS, "&&",
+            f"{PREVIOUS}/bin/switch-to-configuration", "switch",
+        ]  # fmt: skip
+
+    def test_restore_command_really_restores(self, host: Path) -> None:
+        """The command the timer runs sets the profile, then activates the previous system."""
+        previous = host / "store" / "old system"
+        (previous / "bin").mkdir(parents=True)
+        activate = previous / "bin" / "switch-to-configuration"
+        activate.write_text(RECORDER, encoding="utf-8")
+        activate.chmod(0o755)
+        sh(host, arm_timer_script(RUN_ID, str(previous), 30))
+        restore = calls(host)[1][-1]
+        (host / "calls.log").unlink()
+        sh(host, restore)
+        assert calls(host) == [
+            ["nix-env", "-p", "/nix/var/nix/profiles/system", "--set", str(previous)],
+            ["switch-to-configuration", "switch"],
+        ]
+
+    def test_cancel_stops_the_timer_and_shows_it(self, host: Path) -> None:
+        """Cancelling stops the timer, then asks systemd for its state."""
+        sh(host, cancel_timer_script(RUN_ID))
+        unit = f"rebuild-rollback-{RUN_ID}.timer"
+        assert calls(host) == [
+            ["systemctl", "stop", unit],
+            ["systemctl", "show", "-p", "Id,LoadState,ActiveState,SubState", "--no-pager", "--",
+             unit],
+        ]  # fmt: skip
+
+    def test_rollback_now(self, host: Path) -> None:
+        """Rolling back at once cancels the timer, pins the profile, activates the old system."""
+        sh(host, rollback_now_script(RUN_ID, PREVIOUS))
+        stop, nix_env, run = calls(host)
+        assert stop == ["systemctl", "stop", f"rebuild-rollback-{RUN_ID}.timer"]
+        assert nix_env == ["nix-env", "-p", "/nix/var/nix/profiles/system", "--set", PREVIOUS]
+        assert run[0] == "systemd-run"
+        assert "--wait" in run
+        assert f"--unit=rebuild-rollback-{RUN_ID}-now" in run
+        assert run[-2:] == [f"{PREVIOUS}/bin/switch-to-configuration", "switch"]
+
+    def test_scripts_quote_the_previous_path(self) -> None:
+        """A previous path with shell syntax stays one quoted word in every script."""
+        evil = "/nix/store/x-$(reboot); echo"
+        for text in (arm_timer_script(RUN_ID, evil, 90), rollback_now_script(RUN_ID, evil)):
+            assert shlex.quote(evil) in text
+            assert f"rebuild-rollback-{RUN_ID}" in text
+
+
+class TestTimerGone:
+    def test_not_found_is_gone(self) -> None:
+        """A timer systemd no longer knows is gone."""
+        assert timer_gone(f"Id=rebuild-rollback-{RUN_ID}.timer\nLoadState=not-found\n"
+                          "ActiveState=inactive\nSubState=dead\n")  # fmt: skip
+
+    def test_loaded_but_stopped_is_gone(self) -> None:
+        """A stopped timer not yet garbage-collected will not fire."""
+        assert timer_gone("LoadState=loaded\nActiveState=inactive\nSubState=dead\n")
+
+    def test_waiting_timer_is_not_gone(self) -> None:
+        """A loaded, active, waiting timer will still fire."""
+        assert not timer_gone(
+            f"Id=rebuild-rollback-{RUN_ID}.timer\nLoadState=loaded\nActiveState=active\n"
+            "SubState=waiting\n"
+        )
+
+    @pytest.mark.parametrize("output", ["ActiveState=active\nSubState=waiting\n", ""])
+    def test_no_proof_is_not_gone(self, output: str) -> None:
+        """Output that does not say the timer is unloaded or stopped is no proof it is gone."""
+        assert not timer_gone(output)
+
+
+class TestGenerations:
+    LIST = (
+        "  41   2025-10-01 09:12:44   \n"
+        "  42   2025-11-20 18:03:10   \n"
+        "  43   2025-11-25 19:30:02   (current)\n"
+    )
+
+    def test_parse(self) -> None:
+        """nix-env --list-generations gives the numbers and the current one."""
+        assert parse_generations(self.LIST) == ([41, 42, 43], 43)
+
+    def test_no_current(self) -> None:
+        """Output without a (current) mark has no current generation."""
+        assert parse_generations("  1   2025-01-01 00:00:00\n") == ([1], None)
+
+    def test_error_output(self) -> None:
+        """An error message gives no generations."""
+        error = "error: opening lock file '/nix/var/nix/profiles/system.lock'"
+        assert parse_generations(error) == ([], None)
+
+    def test_generation_path_script(self) -> None:
+        """The path of generation N is read from system-N-link."""
+        assert "/nix/var/nix/profiles/system-42-link" in generation_path_script(42)
