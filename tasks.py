@@ -150,6 +150,17 @@ def rollback(
     _guard(json, lambda: cli.rebuild(inventory, [host], [], opts))
 
 
+@task
+def demo(c: Context) -> None:
+    """Run the end-to-end demonstration against a throwaway simulated NixOS host.
+
+    Example: invoke demo
+    """
+    from rebuild import demo as demo_module
+
+    _guard(False, demo_module.run)
+
+
 @task(auto_shortflags=False, help={"inventory": INVENTORY_HELP})
 def hosts(c: Context, inventory: str | None = None) -> None:
     """List the inventory, one host a line (name, address, user, action, attr, tags).
@@ -174,6 +185,33 @@ def operator(c: Context, name: str | None = None, inventory: str | None = None) 
     from rebuild import cli
 
     _guard(False, lambda: cli.operator(inventory, name))
+
+
+@task(
+    iterable=["host"],
+    auto_shortflags=False,
+    help={
+        "host": HOST_HELP + " (repeatable)",
+        "all": "a wrapper for every host of the inventory",
+        "check": "write nothing; exit 1 naming every wrapper that is missing or stale "
+                 "(default: every host; for CI)",
+        "inventory": INVENTORY_HELP,
+    },
+)  # fmt: skip
+def wrapper(
+    c: Context, host: list[str], all: bool = False, check: bool = False,
+    inventory: str | None = None,
+) -> None:  # fmt: skip
+    """Write scripts/rebuild-NAME.sh, the host's deploy script, generated from the inventory.
+
+    Example: invoke wrapper --host vps
+    """
+    from pathlib import Path
+
+    from rebuild import wrapper as wrappers
+
+    root = Path(__file__).resolve().parent
+    _guard(False, lambda: wrappers.run(inventory, host, every=all, check=check, root=root))
 
 
 @task(
