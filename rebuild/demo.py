@@ -25,13 +25,14 @@ def _free_port() -> int:
         return port
 
 
-def _inventory(host_port: int, web_port: int, flake: Path, tb_root: Path, key: Path,
-               known_hosts: Path) -> str:  # fmt: skip
+def _inventory(
+    host_port: int, web_port: int, flake: Path, tb_root: Path, key: Path, known_hosts: Path
+) -> str:
     me = identity.current()
     return f"""\
 flake = "{flake}"
 known_hosts = "{known_hosts}"
-audit_log = "{tb_root / 'audit.jsonl'}"
+audit_log = "{tb_root / "audit.jsonl"}"
 
 [[operators]]
 name = "demo-operator"
@@ -61,15 +62,28 @@ def _step(title: str, why: str) -> None:
 
 
 def _invoke(args: list[str], inventory: Path, env: dict[str, str]) -> int:
-    argv = [sys.executable, "-m", "invoke", "--search-root", str(REPO), *args,
-            "--inventory", str(inventory)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "invoke",
+        "--search-root",
+        str(REPO),
+        *args,
+        "--inventory",
+        str(inventory),
+    ]
     print("$ invoke " + " ".join(args), flush=True)
     return subprocess.run(argv, env=env, check=False, timeout=300).returncode
 
 
 def _commit(flake: Path, message: str) -> None:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "demo", "GIT_AUTHOR_EMAIL": "demo@example.invalid",
-           "GIT_COMMITTER_NAME": "demo", "GIT_COMMITTER_EMAIL": "demo@example.invalid"}  # fmt: skip
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "demo",
+        "GIT_AUTHOR_EMAIL": "demo@example.invalid",
+        "GIT_COMMITTER_NAME": "demo",
+        "GIT_COMMITTER_EMAIL": "demo@example.invalid",
+    }
     subprocess.run(["git", "-C", str(flake), "add", "-A"], check=True, env=env)
     subprocess.run(["git", "-C", str(flake), "commit", "-qm", message], check=True, env=env)
 
@@ -91,10 +105,13 @@ def run() -> int:
         good = {"units": {"sshd.service": {}, "web.service": {"port": web_port}}, "label": "v1"}
         old = {"units": {"sshd.service": {}, "web.service": {"port": web_port}}, "label": "v0"}
         broken = {
-            "units": {"sshd.service": {}, "web.service": {"port": web_port},
-                      "backup.service": {"fail": True}},
+            "units": {
+                "sshd.service": {},
+                "web.service": {"port": web_port},
+                "backup.service": {"fail": True},
+            },
             "label": "v2",
-        }  # fmt: skip
+        }
         flake = tb.make_flake(tb.root / "flake", {"demo": good})
         host.activate(tb.build("demo", old))
         inventory = tb.root / "inventory.toml"
@@ -106,27 +123,44 @@ def run() -> int:
         env.pop("REBUILD_INVENTORY", None)
         print(f"simulated NixOS host 'demo': sshd on 127.0.0.1:{host.port}, running {old['label']}")
 
-        _step("1. a good deploy",
-              "gates pass, the plan is shown, nixos-rebuild switches the host, "
-              "verification is green and the dead-man timer is cancelled.")  # fmt: skip
-        results.append(("good deploy", 0, _invoke(["rebuild", "--host", "demo", "--yes"],
-                                                  inventory, env)))  # fmt: skip
+        _step(
+            "1. a good deploy",
+            "gates pass, the plan is shown, nixos-rebuild switches the host, "
+            "verification is green and the dead-man timer is cancelled.",
+        )
+        results.append(
+            ("good deploy", 0, _invoke(["rebuild", "--host", "demo", "--yes"], inventory, env))
+        )
 
-        _step("2. a bad deploy caught",
-              "the new configuration leaves backup.service failed: verification sees the "
-              "degraded system and rebuild rolls the host back at once (exit 7).")  # fmt: skip
+        _step(
+            "2. a bad deploy caught",
+            "the new configuration leaves backup.service failed: verification sees the "
+            "degraded system and rebuild rolls the host back at once (exit 7).",
+        )
         (flake / "hosts" / "demo.json").write_text(_json(broken), encoding="utf-8")
         _commit(flake, "demo: add a broken backup service")
-        results.append(("bad deploy rolled back", 7,
-                        _invoke(["rebuild", "--host", "demo", "--yes"], inventory, env)))  # fmt: skip
+        results.append(
+            (
+                "bad deploy rolled back",
+                7,
+                _invoke(["rebuild", "--host", "demo", "--yes"], inventory, env),
+            )
+        )
         print(f"   the host runs {host.current_system()} again (v1)")
 
-        _step("3. a refusal",
-              "an uncommitted change in the flake: the dirty-tree gate refuses before "
-              "anything runs on the host (exit 3).")  # fmt: skip
+        _step(
+            "3. a refusal",
+            "an uncommitted change in the flake: the dirty-tree gate refuses before "
+            "anything runs on the host (exit 3).",
+        )
         (flake / "hosts" / "demo.json").write_text(_json(good), encoding="utf-8")
-        results.append(("dirty tree refused", 3,
-                        _invoke(["rebuild", "--host", "demo", "--yes"], inventory, env)))  # fmt: skip
+        results.append(
+            (
+                "dirty tree refused",
+                3,
+                _invoke(["rebuild", "--host", "demo", "--yes"], inventory, env),
+            )
+        )
 
         _step("4. the audit trail", "every run, refusals included, is one JSON line.")
         _invoke(["history"], inventory, env)

@@ -398,7 +398,7 @@ def wait_for_return(hr: HostRun, console: Console, cancel: threading.Event) -> s
 def run_nixos_rebuild(hr: HostRun, loaded: Loaded, console: Console,
                       cancel: threading.Event) -> process.Completed:  # fmt: skip
     env = child_env(loaded, hr.target)
-    log.info("running nixos-rebuild", host=hr.name, command=hr.command)
+    log.debug("running nixos-rebuild", host=hr.name, command=hr.command)
     return process.stream(
         hr.command,
         env=env,
@@ -573,10 +573,11 @@ def rebuild(loaded: Loaded, targets: list[Target], opts: Options, console: Conso
     try:
         operator["name"] = operator_gate(loaded, me)
         state = gitstate.read(loaded.flake_dir) if loaded.flake_dir else None
-        overrides = git_gate(state, opts.allow_dirty)
         for hr in runs:
             hr.record.commit = state.commit if state else None
             hr.record.dirty = bool(state and state.dirty)
+        overrides = git_gate(state, opts.allow_dirty)
+        for hr in runs:
             hr.record.overrides.extend(overrides)
             if not opts.verify:
                 hr.record.overrides.append("no-verify")
@@ -761,6 +762,7 @@ def rollout(runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Options, cons
                 deploy_host(hr, loaded, opts, console, cancel)
             except BaseException as exc:
                 finish(hr, exc)
+                console.error(hr.record.message)
                 if not isinstance(exc, RebuildError):
                     log.exception("internal error", host=hr.name)
             else:

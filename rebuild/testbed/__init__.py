@@ -1,0 +1,62 @@
+"""Faithful simulated NixOS hosts for rebuild's integration tests and ``invoke demo``.
+
+NixOS cannot run on the development machine, so each "host" is a real OpenSSH ``sshd`` (own
+host key, key-only auth, on a private 127.x.y.z address or inside a network namespace) whose
+sessions get ``PATH=<testbed>/hostbin:...`` and ``SIM_ROOT=<host state dir>`` through sshd's
+``SetEnv``. ``hostbin/`` holds shims with NixOS's command names (``systemctl``,
+``systemd-run``, ``nix-env``, ``nix-store``, and path-mapping ``readlink``/``mkdir``/``rm``/
+``rmdir``/``cat``/``tee``/``ls``, plus ``sudo`` and ``hostname``) so the tool runs exactly the
+commands it runs on real NixOS. Store paths are real directories of a shared store
+(``NIX_STORE_DIR``). The operator-side ``nix`` and ``nixos-rebuild`` stand-ins live in
+``<testbed>/bin`` and are announced through :meth:`Testbed.env`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if (
+    TYPE_CHECKING
+):  # the real imports are lazy: host-side shims import submodules and must start fast
+    from rebuild.testbed.netns import cleanup_stale_netns, netns_available
+    from rebuild.testbed.proxy import LatencyProxy
+    from rebuild.testbed.testbed import (
+        BASE_CONFIG,
+        SimHost,
+        Testbed,
+        TestbedError,
+        cleanup_stale_testbeds,
+        sshd_missing_message,
+    )
+
+_EXPORTS = {
+    "BASE_CONFIG": "rebuild.testbed.testbed",
+    "LatencyProxy": "rebuild.testbed.proxy",
+    "SimHost": "rebuild.testbed.testbed",
+    "Testbed": "rebuild.testbed.testbed",
+    "TestbedError": "rebuild.testbed.testbed",
+    "cleanup_stale_netns": "rebuild.testbed.netns",
+    "cleanup_stale_testbeds": "rebuild.testbed.testbed",
+    "netns_available": "rebuild.testbed.netns",
+    "sshd_missing_message": "rebuild.testbed.testbed",
+}
+
+__all__ = [
+    "BASE_CONFIG",
+    "LatencyProxy",
+    "SimHost",
+    "Testbed",
+    "TestbedError",
+    "cleanup_stale_netns",
+    "cleanup_stale_testbeds",
+    "netns_available",
+    "sshd_missing_message",
+]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rebuild.testbed' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

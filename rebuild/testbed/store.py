@@ -1,0 +1,325 @@
+"""The simulated Nix store and the simulated flake evaluation.
+
+The store is a real directory; a "system" store path is a directory holding
+``bin/switch-to-configuration`` (a script that activates the configuration on whichever
+simulated host runs it), ``nixos-version`` and ``rebuild-sim.json`` (attribute + configuration).
+Store paths are content-addressed: a hash of the attribute name and the canonical JSON of the
+configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NIXOS_VERSION = "25.05"
+NIXOS_VERSION_LONG = "25.05.20250601.0b4defa (Warbler)"
+SIM_JSON = "rebuild-sim.json"
+_NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
+DEFAULT_IMAGE_VARIANTS = ("amazon", "iso", "linode", "qcow2", "raw")
+
+# where the `rebuild` package lives, for scripts that must import it with any interpreter
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
+
+
+class SimError(Exception):
+    """An error the simulated tools report as ``error: <message>`` (exit 1)."""
+
+
+def nix_base32(data: bytes) -> str:
+    """Nix's base-32 encoding (the alphabet without e, o, t, u)."""
+    length = (len(data) * 8 - 1) // 5 + 1
+    out = []
+    for n in range(length - 1, -1, -1):
+        bit = n * 5
+        i, j = divmod(bit, 8)
+        c = data[i] >> j
+        if i + 1 < len(data):
+            c |= data[i + 1] << (8 - j)
+        out.append(_NIX32[c & 0x1F])
+    return "".join(out)
+
+
+def canonical_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _hash32(*parts: str) -> str:
+    digest = hashlib.sha256("\0".join(("rebuild-testbed", *parts)).encode()).digest()
+    return nix_base32(digest[:20])
+
+
+def system_name(attr: str) -> str:
+    return f"nixos-system-{attr}-{NIXOS_VERSION}"
+
+
+def system_store_path(store_dir: Path | str, attr: str, config: Mapping[str, Any]) -> str:
+    """The toplevel out path `nix eval` prints for ``attr`` with ``config``."""
+    return f"{store_dir}/{_hash32('out', attr, canonical_json(config))}-{system_name(attr)}"
+
+
+def system_drv_path(store_dir: Path | str, attr: str, config: Mapping[str, Any]) -> str:
+    return f"{store_dir}/{_hash32('drv', attr, canonical_json(config))}-{system_name(attr)}.drv"
+
+
+def image_file_name(variant: str) -> str:
+    ext = {"iso": "iso", "qcow2": "qcow2", "amazon": "vhd"}.get(variant, "img")
+    return f"nixos-image-{variant}-{NIXOS_VERSION}-x86_64-linux.{ext}"
+
+
+def image_store_path(
+    store_dir: Path | str, attr: str, config: Mapping[str, Any], variant: str
+) -> str:
+    digest = _hash32("image", attr, variant, canonical_json(config))
+    return f"{store_dir}/{digest}-nixos-image-{variant}-{NIXOS_VERSION}-x86_64-linux"
+
+
+def image_drv_path(
+    store_dir: Path | str, attr: str, config: Mapping[str, Any], variant: str
+) -> str:
+    digest = _hash32("image-drv", attr, variant, canonical_json(config))
+    return f"{store_dir}/{digest}-nixos-image-{variant}-{NIXOS_VERSION}-x86_64-linux.drv"
+
+
+def script_header(python: str) -> str:
+    """First lines of every Python script the test bed writes (shims, stand-ins, activation)."""
+    return f"#!{python} -IS\nimport sys\nsys.path.insert(0, {PACKAGE_PARENT!r})\n"
+
+
+def _make_read_only(path: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(path):
+        base = Path(dirpath)
+        for name in filenames:
+            p = base / name
+            mode = p.stat().st_mode
+            p.chmod(0o555 if mode & stat.S_IXUSR else 0o444)
+        for name in dirnames:
+            (base / name).chmod(0o555)
+    path.chmod(0o555)
+
+
+def make_writable(path: Path) -> None:
+    """Undo the store's read-only modes below ``path`` so that it can be deleted."""
+    if not path.exists() or path.is_symlink():
+        return
+    with contextlib.suppress(OSError):
+        path.chmod(0o755)
+    for dirpath, dirnames, _filenames in os.walk(path):
+        for name in dirnames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                with contextlib.suppress(OSError):
+                    p.chmod(0o755)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree that may contain read-only store paths."""
+    if not path.exists() and not path.is_symlink():
+        return
+    make_writable(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _install(store_dir: Path, final: Path, fill: Any) -> None:
+    """Create ``final`` atomically (build in a temp dir, rename); no-op if it exists."""
+    if final.exists():
+        return
+    store_dir.mkdir(parents=True, exist_ok=True)
+    tmp = store_dir / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        _make_read_only(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.exists():
+                raise
+    finally:
+        remove_tree(tmp)
+
+
+def build_system(
+    store_dir: Path, attr: str, config: Mapping[str, Any], python: str | None = None
+) -> str:
+    """Materialise the system store path for ``attr``/``config`` (idempotent)."""
+    out = Path(system_store_path(store_dir, attr, config))
+    interpreter = python or sys.executable
+
+    def fill(tmp: Path) -> None:
+        (tmp / "bin").mkdir()
+        stc = tmp / "bin" / "switch-to-configuration"
+        stc.write_text(
+            script_header(interpreter)
+            + "from rebuild.testbed.sim import stc_main\n"
+            + "sys.exit(stc_main(__file__, sys.argv[1:]))\n",
+            encoding="utf-8",
+        )
+        stc.chmod(0o755)
+        (tmp / "nixos-version").write_text(NIXOS_VERSION_LONG + "\n", encoding="utf-8")
+        (tmp / SIM_JSON).write_text(
+            json.dumps({"attr": attr, "config": config}, indent=2, sort_keys=True) + "\n",
+            encoding="utf-8",
+        )
+
+    _install(store_dir, out, fill)
+    return str(out)
+
+
+def build_image(store_dir: Path, attr: str, config: Mapping[str, Any], variant: str) -> str:
+    out = Path(image_store_path(store_dir, attr, config, variant))
+
+    def fill(tmp: Path) -> None:
+        (tmp / image_file_name(variant)).write_bytes(
+            b"REBUILD-TESTBED-DISK-IMAGE\n"
+            + canonical_json({"attr": attr, "variant": variant, "config": config}).encode()
+            + b"\n"
+        )
+        (tmp / "nix-support").mkdir()
+        (tmp / "nix-support" / "hydra-build-products").write_text(
+            f"file {variant} {out}/{image_file_name(variant)}\n", encoding="utf-8"
+        )
+
+    _install(store_dir, out, fill)
+    return str(out)
+
+
+def load_system(store_path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(attr, config) of a system store path built by the test bed."""
+    data = json.loads((Path(store_path) / SIM_JSON).read_text(encoding="utf-8"))
+    return str(data["attr"]), dict(data["config"])
+
+
+# --------------------------------------------------------------------------- flakes
+
+
+@dataclass
+class Flake:
+    """A local flake as the simulated ``nix`` sees it."""
+
+    directory: Path
+    git_root: Path | None  # None: `path:` semantics (every file counts)
+    url: str  # how nix names it in messages: git+file:///x or path:/x
+
+    def _git(self, *args: str) -> str:
+        if self.git_root is None:
+            raise SimError(f"'{self.directory}' is not a git repository")
+        result = subprocess.run(
+            ["git", "-c", "safe.directory=*", "-C", str(self.git_root), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise SimError(
+                f"git {' '.join(args)} failed in '{self.git_root}': {result.stderr.strip()}"
+            )
+        return result.stdout
+
+    def _tracked(self, relpath: str) -> bool:
+        if self.git_root is None:
+            return True
+        rel = (self.directory / relpath).relative_to(self.git_root).as_posix()
+        return bool(self._git("ls-files", "--", rel).strip())
+
+    def check(self) -> None:
+        if not (self.directory / "flake.nix").is_file() or not self._tracked("flake.nix"):
+            raise SimError(f"path '{self.directory}/flake.nix' does not exist")
+
+    def dirty(self) -> bool:
+        if self.git_root is None:
+            return False
+        return bool(self._git("status", "--porcelain", "--untracked-files=no").strip())
+
+    def attrs(self) -> list[str]:
+        hosts = self.directory / "hosts"
+        if not hosts.is_dir():
+            return []
+        if self.git_root is None:
+            names = [p.name for p in hosts.iterdir() if p.is_file()]
+        else:
+            rel = hosts.relative_to(self.git_root).as_posix()
+            names = [Path(line).name for line in self._git("ls-files", "--", rel).splitlines()]
+        return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
+
+    def config(self, attr: str) -> dict[str, Any] | None:
+        """The configuration of nixosConfigurations.<attr>, None when there is none."""
+        if attr not in self.attrs():
+            return None
+        path = self.directory / "hosts" / f"{attr}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SimError(f"while evaluating nixosConfigurations.{attr}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SimError(f"value of nixosConfigurations.{attr} is not an attribute set")
+        if data.get("eval_error"):
+            raise SimError(str(data["eval_error"]))
+        return data
+
+
+def resolve_flake(ref: str, cwd: Path | None = None) -> Flake:
+    """Resolve a flake reference (``.``, a path, ``path:...``, ``git+file://...``)."""
+    base = cwd or Path.cwd()
+    force_path = False
+    raw = ref.split("?", 1)[0]
+    if raw.startswith("path:"):
+        raw = raw[len("path:") :]
+        force_path = True
+    elif raw.startswith("git+file://"):
+        raw = raw[len("git+file://") :]
+    elif raw.startswith("file://"):
+        raw = raw[len("file://") :]
+    elif re.match(r"^[a-z][a-z0-9+]*:", raw) and not raw.startswith("/"):
+        raise SimError(
+            f"cannot fetch flake '{ref}': the test bed only evaluates local flakes "
+            "(a path, path:..., git+file://...)"
+        )
+    directory = (base / raw).resolve() if raw else base.resolve()
+    if not directory.is_dir():
+        raise SimError(f"path '{directory}' does not exist")
+    git_root: Path | None = None
+    if not force_path:
+        probe = directory
+        for _ in range(64):
+            if (probe / ".git").exists():
+                git_root = probe
+                break
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+    url = f"git+file://{directory}" if git_root is not None else f"path:{directory}"
+    return Flake(directory=directory, git_root=git_root, url=url)
+
+
+def split_attr_path(text: str) -> list[str]:
+    """Split ``a."b.c".d`` into ['a', 'b.c', 'd']."""
+    parts: list[str] = []
+    current = ""
+    quoted = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "." and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+        i += 1
+    parts.append(current)
+    return [p for p in parts if p != ""] if text else []

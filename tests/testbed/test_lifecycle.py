@@ -1,0 +1,106 @@
+"""Startup states, build actions, and teardown of everything the test bed started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rebuild.testbed import Testbed, cleanup_stale_testbeds, sim
+from rebuild.testbed.procs import is_alive
+from rebuild.testbed.store import PACKAGE_PARENT
+
+from .conftest import curl, free_port, rebuild, ssh, wait_for, web_config
+
+
+def test_starting_seconds_reports_starting_then_running(testbed: Testbed, tmp_path: Path) -> None:
+    host = testbed.add_host("vps")
+    port = free_port()
+    flake = testbed.make_flake(
+        tmp_path / "flake", {"vps": web_config("v1", port, starting_seconds=2)}
+    )
+    assert rebuild(testbed, host, flake, "vps", "test").returncode == 0
+    # `test` activates without touching the profile
+    assert host.profile_system() != host.current_system()
+    probe = ssh(host, "systemctl is-system-running; systemctl is-active web.service")
+    assert probe.stdout.split() == ["starting", "activating"]
+    wait_for(lambda: host.system_state() == "running", 10, "the system to finish starting")
+    assert host.unit_state("web.service") == "active"
+    assert curl(f"http://{host.address}:{port}/") == ("200", "web.service v1")
+
+
+def test_build_and_build_image_make_result_links(testbed: Testbed, tmp_path: Path) -> None:
+    flake = testbed.make_flake(tmp_path / "flake", {"vps": web_config("v1", 1)})
+    env = {**os.environ, **testbed.env()}
+    nixos_rebuild = testbed.env()["REBUILD_NIXOS_REBUILD"]
+    out = subprocess.run(
+        [nixos_rebuild, "build", "--flake", ".#vps"],
+        cwd=flake, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (flake / "result").resolve() == Path(testbed.store_path("vps", web_config("v1", 1)))
+    image = subprocess.run(
+        [nixos_rebuild, "build-image", "--image-variant", "linode", "--flake", ".#vps"],
+        cwd=flake, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert image.returncode == 0, image.stderr
+    assert image.stdout.startswith("Done. The disk image can be found in ")
+    img = Path(image.stdout.strip().rsplit(" ", 1)[1])
+    assert img.is_file() and img.name.endswith(".img")
+    assert (flake / "result").resolve() == img.parent
+    nix = subprocess.run(
+        [testbed.env()["REBUILD_NIX"], "--extra-experimental-features", "nix-command flakes",
+         "build", "--print-out-paths", "--no-link",
+         ".#nixosConfigurations.vps.config.system.build.images.linode"],
+        cwd=flake, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert nix.stdout.strip() == str(img.parent)
+
+
+def test_close_stops_every_process_and_removes_the_directory(tmp_path: Path) -> None:
+    port = free_port()
+    with Testbed() as tb:
+        host = tb.add_host("vps", initial_config=web_config("v1", port))
+        arm = ssh(host, "systemd-run --on-active=300s --unit=left-behind -- /bin/true")
+        assert arm.returncode == 0
+        with sim.locked_state(sim.Host.load(host.root), write=False) as state:
+            server = state["units"]["web.service"]["pid"]
+            sleeper = state["units"]["left-behind.timer"]["sleeper_pid"]
+        sshd = host.sshd
+        assert sshd is not None
+        assert is_alive(server) and is_alive(sleeper)
+        root = tb.root
+    assert not is_alive(server)
+    assert not is_alive(sleeper)
+    assert sshd.poll() is not None
+    assert not root.exists()
+    assert curl(f"http://127.0.0.1:{port}/")[0] == "000"
+
+
+CRASHING = """
+import os, sys, json
+sys.path.insert(0, {package!r})
+from rebuild.testbed import Testbed
+from rebuild.testbed import sim
+tb = Testbed()
+host = tb.add_host("vps", initial_config={config!r})
+with sim.locked_state(sim.Host.load(host.root), write=False) as state:
+    server = state["units"]["web.service"]["pid"]
+print(json.dumps({{"root": str(tb.root), "sshd": host.sshd.pid, "server": server}}), flush=True)
+os._exit(0)  # a crash: nothing is cleaned up
+"""
+
+
+def test_stale_testbeds_of_dead_processes_are_cleaned_up() -> None:
+    script = CRASHING.format(package=PACKAGE_PARENT, config=web_config("v1", free_port()))
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    left = json.loads(out.stdout)
+    assert Path(left["root"]).exists()
+    assert is_alive(left["sshd"]) and is_alive(left["server"])
+    assert left["root"] in cleanup_stale_testbeds()
+    assert not Path(left["root"]).exists()
+    assert not is_alive(left["sshd"]) and not is_alive(left["server"])
