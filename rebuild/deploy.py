@@ -302,8 +302,7 @@ def expected_system(loaded: Loaded, target: Target, flake: str | None = None) ->
 def gather(hr: HostRun, *, boot: bool) -> facts.Facts:
     spec = hr.target.settings.verify
     script = facts.script(spec, services=not boot)
-    timeout = facts.COMMAND_TIMEOUT * max(1, len(spec.commands)) + 30
-    result = hr.run(script, timeout=timeout, privileged=False)
+    result = hr.run(script, timeout=facts.script_timeout(spec), privileged=False)
     return facts.parse(result.stdout, spec)
 
 

@@ -12,8 +12,8 @@ from rebuild.remote import quote
 CURRENT_SYSTEM = "/run/current-system"
 SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
 MARK = "@@rebuild-fact@@"
-COMMAND_TIMEOUT = 30
 HTTP_TIMEOUT = 10
+BASE_TIMEOUT = 15
 OUTPUT_TAIL = 5
 
 
@@ -74,12 +74,17 @@ def script(spec: VerifySpec, *, services: bool = True) -> str:
         for i, command in enumerate(spec.commands):
             lines.append(
                 f"echo '{MARK} command {i}'; "
-                f"out=$(timeout {COMMAND_TIMEOUT} sh -c {quote(command.run)} </dev/null 2>&1); "
+                f"out=$(timeout {spec.command_timeout} sh -c {quote(command.run)} </dev/null 2>&1); "
                 f"rc=$?; printf '%s\\n' \"$out\" | tail -n {OUTPUT_TAIL}; "
                 f"echo '{MARK} rc' \"$rc\""
             )
     lines.append(f"echo '{MARK} end'")
     return "\n".join(f"{line}; true" for line in lines) + "\n"
+
+
+def script_timeout(spec: VerifySpec) -> float:
+    """How long one run of the facts script may take: a host that stops answering fails then."""
+    return BASE_TIMEOUT + HTTP_TIMEOUT * len(spec.http) + spec.command_timeout * len(spec.commands)
 
 
 def split_sections(output: str) -> dict[str, list[str]]:

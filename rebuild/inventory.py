@@ -130,6 +130,7 @@ class VerifySpec(_Strict):
     units: tuple[Unit, ...] = ()
     ports: tuple[Port, ...] = ()
     settle_timeout: Annotated[float, BeforeValidator(_no_bool), Field(ge=0, le=3600)] = 60
+    command_timeout: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=3600)] = 30
     http: tuple[HttpCheck, ...] = ()
     commands: tuple[CommandCheck, ...] = ()
 

@@ -317,6 +317,9 @@ def _start_config_unit(host: Host, name: str, udef: dict[str, Any], label: str) 
     if udef.get("fail"):
         record.update(active="failed", sub="failed", result="exit-code", exit_status=1)
         return record
+    if udef.get("inactive"):  # installed but not started (no wantedBy): loaded, inactive, dead
+        record.update(active="inactive", sub="dead")
+        return record
     if udef.get("port"):
         pid, start, error = _start_server(host, name, udef, label)
         if error:

@@ -224,11 +224,33 @@ class Evaluated:
     variant: str = ""
 
 
+def _image_package(target: Target, path: list[str]) -> Evaluated | None:
+    """``packages.<system>.<attr>-image``: the image of nixosConfigurations.<attr>, as flakes
+    commonly expose it (``= self.nixosConfigurations.<attr>.config.system.build.images.linode``);
+    the variant is the config's ``image_package_variant``, else ``linode``."""
+    if len(path) != 3 or path[0] != "packages" or path[1] != SYSTEM:
+        return None
+    if not path[2].endswith("-image"):
+        return None
+    attr = path[2][: -len("-image")]
+    config = target.flake.config(attr) if attr else None
+    if config is None:
+        return None
+    variant = str(config.get("image_package_variant") or "linode")
+    variants = list(config.get("image_variants") or DEFAULT_IMAGE_VARIANTS)
+    if variant not in variants:
+        raise SimError(f"attribute '{variant}' missing\n       (in packages.{SYSTEM}.{path[2]})")
+    return Evaluated(kind="image", value=None, attr=attr, config=config, variant=variant)
+
+
 def evaluate(target: Target, store: Path) -> Evaluated:
     path = target.path
     shown = ".".join(path)
     if target.flake.dirty():
         _err(f"warning: Git tree '{target.flake.git_root}' is dirty")
+    package = _image_package(target, path)
+    if package is not None:
+        return package
     if not path or path[0] != "nixosConfigurations":
         raise _missing(target, shown or "default")
     attrs = target.flake.attrs()

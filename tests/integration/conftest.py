@@ -120,13 +120,20 @@ def inventory_text(d_root: Path, flake: Path, known_hosts: Path, key: Path,
             f"tags = {json.dumps(extra.get('tags', ['test']))}",
             "",
             f"[hosts.{name}.verify]",
-            'units = ["sshd.service", "web.service"]',
-            f"ports = [{web_port}]",
+            f"units = {json.dumps(['sshd.service', 'web.service', *extra.get('extra_units', [])])}",
+            f"ports = {json.dumps([web_port, *extra.get('extra_ports', [])])}",
             f"settle_timeout = {extra.get('settle_timeout', 3)}",
+            f"command_timeout = {extra.get('command_timeout', 30)}",
             f"[[hosts.{name}.verify.http]]",
             f'url = "http://{host.address}:{web_port}/"',
             "status = 200",
         ]
+        for check_name, run in extra.get("commands", {}).items():
+            lines += [
+                f"[[hosts.{name}.verify.commands]]",
+                f"name = {json.dumps(check_name)}",
+                f"run = {json.dumps(run)}",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -144,12 +151,12 @@ def testbed() -> Iterator[Testbed]:
         yield tb
 
 
-@pytest.fixture
-def deployment(testbed: Testbed) -> Deployment:
-    """One loopback host named vps running config v0, with a flake whose HEAD is v1."""
-    tb = testbed
+def make_deployment(
+    tb: Testbed, *, netns: bool = False, latency_ms: int = 0, **host_extra: Any
+) -> Deployment:
+    """One host named vps running config v0, with a flake whose HEAD is v1."""
     web_port = free_port()
-    host = tb.add_host("vps")
+    host = tb.add_host("vps", netns=netns, latency_ms=latency_ms)
     v0, v1 = config("v0", web_port), config("v1", web_port)
     flake = tb.make_flake(tb.root / "flake", {"vps": v1})
     host.activate(tb.build("vps", v0))
@@ -157,9 +164,25 @@ def deployment(testbed: Testbed) -> Deployment:
     recording_wrapper(tb, calls)
     inventory = tb.root / "inventory.toml"
     inventory.write_text(
-        inventory_text(tb.root, flake, tb.known_hosts, tb.client_key, {"vps": (host, web_port, {})})
+        inventory_text(
+            tb.root, flake, tb.known_hosts, tb.client_key, {"vps": (host, web_port, host_extra)}
+        )
     )
     return Deployment(tb, host, flake, inventory, web_port, calls, {"vps": host})
+
+
+@pytest.fixture
+def deployment(testbed: Testbed) -> Deployment:
+    """One loopback host named vps running config v0, with a flake whose HEAD is v1."""
+    return make_deployment(testbed)
+
+
+def netns_or_skip() -> None:
+    from rebuild.testbed import netns_available
+
+    why = netns_available()
+    if why:
+        pytest.skip(f"network namespaces unavailable: {why}")
 
 
 def whoami() -> str:

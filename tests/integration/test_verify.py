@@ -1,0 +1,186 @@
+"""`invoke verify` against real sshd test hosts: each failure is caught with the right detail."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from rebuild.testbed import Testbed
+from tests.integration.conftest import (
+    Deployment,
+    config,
+    free_port,
+    make_deployment,
+    netns_or_skip,
+)
+
+
+def on_head(d: Deployment, cfg: dict[str, Any]) -> None:
+    """Make `cfg` the flake's HEAD and the system the host runs."""
+    d.set_config("vps", cfg)
+    d.host.activate(d.tb.build("vps", cfg))
+
+
+def verify_json(d: Deployment, timeout: float = 120) -> tuple[int, dict[str, Any]]:
+    done = d.invoke("verify", "--host", "vps", "--json", timeout=timeout)
+    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def failing(data: dict[str, Any]) -> dict[str, str]:
+    return {c["name"]: c["detail"] for c in data["checks"] if not c["ok"]}
+
+
+class TestHealthy:
+    def test_healthy_host_passes(self, deployment: Deployment) -> None:
+        """A host running HEAD's system with everything up passes every check (exit 0)."""
+        d = deployment
+        on_head(d, config("v1", d.web_port))
+        code, data = verify_json(d)
+        assert code == 0, data
+        assert data["ok"] is True and data["host"] == "vps"
+        assert data["current_system"] == data["expected_system"]
+        names = [c["name"] for c in data["checks"]]
+        assert names[:4] == ["ssh", "current-system", "system-state", "failed-units"]
+        assert (
+            f"port {d.web_port}" in names and f"http http://{d.host.address}:{d.web_port}/" in names
+        )
+
+    def test_human_output(self, deployment: Deployment) -> None:
+        """Without --json every check is a line with ok/FAIL and its detail."""
+        d = deployment
+        on_head(d, config("v1", d.web_port))
+        done = d.invoke("verify", "--host", "vps")
+        assert done.returncode == 0
+        assert "verification: PASS" in done.stdout
+        assert "ok   unit web.service: active (running)" in done.stdout
+
+
+class TestFailures:
+    def test_drift_names_both_systems(self, deployment: Deployment) -> None:
+        """A host on another system than HEAD is drift, naming both store paths (exit 6)."""
+        d = deployment  # runs v0, HEAD is v1
+        code, data = verify_json(d)
+        assert code == 6
+        detail = failing(data)["current-system"]
+        assert d.host.current_system() in detail
+        assert d.expected("vps", config("v1", d.web_port)) in detail
+
+    def test_failed_unit(self, deployment: Deployment) -> None:
+        """A failed unit degrades the system; both checks fail naming the unit."""
+        d = deployment
+        on_head(d, config("v1", d.web_port, units={"backup.service": {"fail": True}}))
+        code, data = verify_json(d)
+        assert code == 6
+        bad = failing(data)
+        assert "degraded" in bad["system-state"] and "backup.service" in bad["system-state"]
+        assert bad["failed-units"] == "backup.service"
+
+    def test_inactive_listed_unit(self, testbed: Testbed) -> None:
+        """A unit the inventory lists that is not running fails as inactive."""
+        d = make_deployment(testbed, extra_units=["worker.service"], settle_timeout=1)
+        on_head(d, config("v1", d.web_port, units={"worker.service": {"inactive": True}}))
+        code, data = verify_json(d)
+        assert code == 6
+        assert failing(data) == {"unit worker.service": "inactive (dead)"}
+
+    def test_closed_port(self, testbed: Testbed) -> None:
+        """A port nobody listens on fails as not listening."""
+        closed = free_port()
+        d = make_deployment(testbed, extra_ports=[closed], settle_timeout=1)
+        on_head(d, config("v1", d.web_port))
+        code, data = verify_json(d)
+        assert code == 6
+        assert failing(data) == {f"port {closed}": "not listening"}
+
+    def test_url_answering_500(self, deployment: Deployment) -> None:
+        """A URL answering 500 where 200 is expected fails with both codes."""
+        d = deployment
+        on_head(
+            d,
+            config(
+                "v1", d.web_port, units={"web.service": {"port": d.web_port, "http_status": 500}}
+            ),
+        )
+        code, data = verify_json(d)
+        assert code == 6
+        assert failing(data) == {
+            f"http http://{d.host.address}:{d.web_port}/": "answered 500, expected 200"
+        }
+
+    def test_failing_command_shows_its_output(self, testbed: Testbed) -> None:
+        """An operator command exiting non-zero fails with its exit code and last lines."""
+        d = make_deployment(
+            testbed,
+            commands={"secrets decrypted": "echo 'no /run/secrets/example'; exit 3"},
+            settle_timeout=1,
+        )
+        on_head(d, config("v1", d.web_port))
+        code, data = verify_json(d)
+        assert code == 6
+        assert failing(data) == {"command secrets decrypted": "exit 3: no /run/secrets/example"}
+
+    def test_wrong_host_key_refused_and_nothing_ran(self, testbed: Testbed) -> None:
+        """A changed host key is refused (exit 3) before any command runs on the host."""
+        marker = testbed.root / "marker"
+        d = make_deployment(testbed, commands={"marker": f"touch {marker}"})
+        on_head(d, config("v1", d.web_port))
+        other = testbed.root / "other"
+        import subprocess
+
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True
+        )
+        kind, key = other.with_suffix(".pub").read_text().split()[:2]
+        name = testbed.known_hosts.read_text().split()[0]
+        testbed.known_hosts.write_text(f"{name} {kind} {key}\n")
+        done = d.invoke("verify", "--host", "vps")
+        assert done.returncode == 3
+        assert "HOST KEY CHANGED" in done.stderr
+        assert not marker.exists()
+
+    def test_unknown_host_exit_2(self, deployment: Deployment) -> None:
+        """An unknown host name is a usage error (exit 2)."""
+        done = deployment.invoke("verify", "--host", "nope")
+        assert done.returncode == 2 and "unknown host" in done.stderr
+
+
+class TestHostGoesAway:
+    def test_host_lost_mid_verification_fails_in_bounded_time(self, testbed: Testbed) -> None:
+        """A host whose link dies during verification fails within the command timeout."""
+        netns_or_skip()
+        d = make_deployment(
+            testbed, netns=True, commands={"slow": "sleep 4"}, command_timeout=5, settle_timeout=1
+        )
+        on_head(d, config("v1", d.web_port))
+        cutter = threading.Timer(2.0, d.host.cut_link)
+        cutter.start()
+        started = time.monotonic()
+        try:
+            done = d.invoke("verify", "--host", "vps", "--json", timeout=120)
+        finally:
+            cutter.cancel()
+            d.host.restore_link()
+        elapsed = time.monotonic() - started
+        assert done.returncode == 6, done.stderr
+        data = json.loads(done.stdout.strip().splitlines()[-1])
+        assert data["ok"] is False
+        assert "timed out" in json.dumps(data) or "connection lost" in json.dumps(data)
+        # bounded: the facts script's own timeout (15 s + one 5 s command) plus start-up
+        assert elapsed < 45, elapsed
+
+
+@pytest.mark.parametrize("action", ["boot"])
+def test_rebuild_boot_checks_the_profile(deployment: Deployment, action: str) -> None:
+    """After `--action boot` the profile points at the new system; the running one is unchanged."""
+    d = deployment
+    before = d.host.current_system()
+    done = d.invoke("rebuild", "--host", "vps", "--yes", "--action", action)
+    assert done.returncode == 0, done.stdout + done.stderr
+    want = d.expected("vps", config("v1", d.web_port))
+    assert d.host.profile_system() == want and d.host.current_system() == before
+    record = d.records()[-1]
+    assert [c["name"] for c in record["checks"]] == ["ssh", "system-profile"]
