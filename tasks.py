@@ -231,3 +231,25 @@ def history(
 
     _guard(json, lambda: cli.history(inventory, host, json, limit))
 
+
+@task(
+    auto_shortflags=False,
+    help={
+        "host": HOST_HELP,
+        "allow_dirty": "build from an uncommitted tree (recorded in the audit)",
+        "json": "print one JSON object (path, size, sha256, commit, ...) on stdout",
+        "inventory": INVENTORY_HELP,
+    },
+)
+def image(
+    c: Context, host: str, allow_dirty: bool = False, json: bool = False,
+    inventory: str | None = None,
+) -> None:  # fmt: skip
+    """Build the host's disk image (nixos-rebuild build-image); print path, size and sha256.
+
+    Example: invoke image --host vps
+    """
+    from rebuild import image as images
+
+    _guard(json, lambda: images.run(inventory, host, allow_dirty=allow_dirty, json_mode=json))
+

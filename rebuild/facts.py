@@ -74,7 +74,8 @@ def script(spec: VerifySpec, *, services: bool = True) -> str:
         for i, command in enumerate(spec.commands):
             lines.append(
                 f"echo '{MARK} command {i}'; "
-                f"out=$(timeout {spec.command_timeout} sh -c {quote(command.run)} </dev/null 2>&1); "
+                f"out=$(timeout {spec.command_timeout} sh -c {quote(command.run)} "
+                "</dev/null 2>&1); "
                 f"rc=$?; printf '%s\\n' \"$out\" | tail -n {OUTPUT_TAIL}; "
                 f"echo '{MARK} rc' \"$rc\""
             )

@@ -34,9 +34,11 @@ def nix_eval_argv(nix: str, flake: str, attr: str) -> list[str]:
     return [nix, *EXPERIMENTAL, "eval", "--raw", toplevel_attr(flake, attr)]
 
 
-def nix_build_argv(nix: str, flake: str, output: str) -> list[str]:
-    """`nix build` of a named flake output (an image), printing its store path."""
-    return [nix, *EXPERIMENTAL, "build", "--print-out-paths", "--no-link", f"{flake}#{output}"]
+def nix_build_argv(nix: str, flake: str, output: str, *, out_link: str | None = None) -> list[str]:
+    """`nix build` of a named flake output (an image), printing its store path; with `out_link`
+    the result link (a GC root) is made there instead of none."""
+    link = ["--out-link", out_link] if out_link is not None else ["--no-link"]
+    return [nix, *EXPERIMENTAL, "build", "--print-out-paths", *link, f"{flake}#{output}"]
 
 
 def ssh_options(ssh: SshSettings) -> list[str]:
