@@ -76,6 +76,7 @@ class HostRun:
     remote_locked: bool = False
     local_lock: IO[str] | None = None
     timer_armed_at: float | None = None
+    timer_has_fired: bool = False
     report: Report | None = None
     rollback_report: Report | None = None
     started: float = field(default_factory=time.monotonic)
@@ -328,7 +329,34 @@ def arm_timer(hr: HostRun) -> None:
             f"{hr.name}: cannot arm the dead-man timer: "
             f"{(result.stderr or result.stdout).strip()[-300:]}"
         )
+    if result.stdout.strip() == "fired":
+        hr.timer_has_fired = True
+        return
     hr.timer_armed_at = time.monotonic()
+
+
+def timer_fired(hr: HostRun) -> bool:
+    """Did the dead-man timer already fire (the host restored itself while we were away)?"""
+    if hr.timer_has_fired:
+        return True
+    result = hr.run(hostops.timer_state_script(hr.record.run_id), timeout=30)
+    return hostops.timer_elapsed(result.stdout)
+
+
+def restored_by_timer(hr: HostRun) -> None:
+    """nixos-rebuild came back, but the host's timer had already put the old system back."""
+    now = current_system(hr)
+    with contextlib.suppress(RebuildError):
+        cancel_timer(hr)
+    hr.record.final_system = now
+    if now == hr.previous:
+        raise RolledBack(
+            f"{hr.name}: the new system cut rebuild off; the host's dead-man timer restored "
+            f"{hr.previous}, which it runs now"
+        )
+    raise RemoteError(
+        f"{hr.name}: the dead-man timer fired but the host runs {now}; run `invoke verify`"
+    )
 
 
 def cancel_timer(hr: HostRun) -> bool:
@@ -426,6 +454,12 @@ def deploy_host(hr: HostRun, loaded: Loaded, opts: Options, console: Console,
                if use_timer else "")
         )  # fmt: skip
     if use_timer:
+        try:
+            fired = timer_fired(hr)
+        except RebuildError:
+            return lost(hr, console, cancel)
+        if fired:
+            return restored_by_timer(hr)
         with contextlib.suppress(RebuildError):
             arm_timer(hr)  # a full window for verification
     activated_anyway = False

@@ -155,7 +155,11 @@ def arm_timer_script(run_id: str, previous: str, seconds: int) -> str:
         f"nix-env -p {SYSTEM_PROFILE} --set {quote(previous)} && "
         f"{quote(previous + '/bin/switch-to-configuration')} switch"
     )
+    # A timer that already fired is left alone (`fired`): the caller must learn that the host
+    # restored itself, and re-arming it would roll back once more later.
     return (
+        f"case $(systemctl show -p SubState --no-pager -- {quote(unit + '.timer')} 2>/dev/null) "
+        "in *=elapsed) echo fired; exit 0;; esac; "
         f"systemctl stop {quote(unit + '.timer')} {quote(unit + '.service')} 2>/dev/null; "
         f"systemd-run --on-active={seconds}s --unit={quote(unit)} --collect "
         f"--description={quote('rebuild dead-man rollback to ' + previous)} "
@@ -183,6 +187,12 @@ def timer_gone(show_output: str) -> bool:
     if fields.get("LoadState") == "not-found":
         return True
     return fields.get("ActiveState") in ("inactive", "failed")
+
+
+def timer_elapsed(show_output: str) -> bool:
+    """The timer fired: a transient timer stays loaded as `active (elapsed)` afterwards."""
+    fields = dict(line.split("=", 1) for line in show_output.splitlines() if "=" in line)
+    return fields.get("SubState") == "elapsed"
 
 
 def rollback_now_script(run_id: str, previous: str) -> str:

@@ -26,6 +26,7 @@ class TestDeadMan:
         assert record["result"] == "rolled_back" and record["exit_code"] == 7
         assert record["final_system"] == before
         assert elapsed < 150, elapsed
+        assert "dead-man timer restored" in d.records()[-1]["message"]
         # the host answers over ssh again
         ssh = testbed.root / "probe"
         ssh.write_text("")
@@ -80,3 +81,23 @@ class TestRollbackTask:
         assert done.returncode == 0, done.stderr
         assert "--rollback" in done.stdout
         assert d.host.current_system() == before
+
+
+class TestHostLost:
+    def test_host_lost_until_its_timer_restores_it(self, testbed: Testbed) -> None:
+        """nixos-rebuild loses the host (ssh gives up before the timer fires): rebuild waits
+        for the deadline, reconnects, finds the previous system and exits 7."""
+        netns_or_skip()
+        d = make_deployment(testbed, netns=True, rollback_timeout=30, settle_timeout=3)
+        before = d.host.current_system()
+        d.set_config("vps", config("v2", d.web_port, cut_network=True))
+        started = time.monotonic()
+        done = d.invoke("rebuild", "--host", "vps", "--yes", timeout=300)
+        elapsed = time.monotonic() - started
+        assert done.returncode == 7, done.stdout + done.stderr
+        assert "returned non-zero exit status 255" in done.stdout  # nixos-rebuild lost the host
+        assert 30 <= elapsed < 150, elapsed  # it waited for the host's own timer
+        assert d.host.current_system() == before
+        record = d.records()[-1]
+        assert record["result"] == "rolled_back" and record["final_system"] == before
+        assert "dead-man timer restored" in record["message"]
