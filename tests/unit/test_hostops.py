@@ -222,8 +222,9 @@ class TestDeadManTimer:
     def test_arm_runs_systemd_run_with_the_restore(self, host: Path) -> None:
         """Arming stops this run's old timer, then schedules the restore of the previous system."""
         sh(host, arm_timer_script(RUN_ID, PREVIOUS, 90))
-        stop, run = calls(host)
+        show, stop, run = calls(host)
         unit = f"rebuild-rollback-{RUN_ID}"
+        assert show[:2] == ["systemctl", "show"] and show[-1] == f"{unit}.timer"
         assert stop == ["systemctl", "stop", f"{unit}.timer", f"{unit}.service"]
         assert run[0] == "systemd-run"
         assert "--on-active=90s" in run
@@ -244,13 +245,23 @@ class TestDeadManTimer:
         activate.write_text(RECORDER, encoding="utf-8")
         activate.chmod(0o755)
         sh(host, arm_timer_script(RUN_ID, str(previous), 30))
-        restore = calls(host)[1][-1]
+        restore = calls(host)[2][-1]
         (host / "calls.log").unlink()
         sh(host, restore)
         assert calls(host) == [
             ["nix-env", "-p", "/nix/var/nix/profiles/system", "--set", str(previous)],
             ["switch-to-configuration", "switch"],
         ]
+
+    def test_fired_timer_is_not_rearmed(self, host: Path) -> None:
+        """A timer that already fired is reported (`fired`) and never armed again."""
+        systemctl = host / "bin" / "systemctl"
+        systemctl.write_text(
+            RECORDER + 'case "$1" in show) echo SubState=elapsed;; esac\n', encoding="utf-8"
+        )
+        out = sh(host, arm_timer_script(RUN_ID, PREVIOUS, 90))
+        assert out.strip() == "fired"
+        assert [c[:2] for c in calls(host)] == [["systemctl", "show"]]
 
     def test_cancel_stops_the_timer_and_shows_it(self, host: Path) -> None:
         """Cancelling stops the timer, then asks systemd for its state."""
