@@ -253,3 +253,50 @@ def image(
 
     _guard(json, lambda: images.run(inventory, host, allow_dirty=allow_dirty, json_mode=json))
 
+
+
+@task(
+    positional=["op"],
+    auto_shortflags=False,
+    help={
+        "op": "set (store or replace the password) or clear (remove it)",
+        "host": HOST_HELP,
+        "stdin": "set: read the password from one line of standard input instead of asking "
+                 "on the terminal (for automation)",
+        "inventory": INVENTORY_HELP,
+    },
+)  # fmt: skip
+def secret(
+    c: Context, op: str, host: str = "", stdin: bool = False, inventory: str | None = None,
+) -> None:  # fmt: skip
+    """Keep a host's sudo password in the OS keyring (service rebuild), or remove it.
+
+    set asks twice without echo; rebuild then answers the host's sudo itself, never putting
+    the password in an argv, environment, log or audit record.
+
+    Example: invoke secret set --host vps
+    """
+    from rebuild import secrets
+
+    _guard(False, lambda: secrets.run(inventory, op, host, from_stdin=stdin))
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "host": HOST_HELP,
+        "dry_run": "show the host's recipient and what would change; write and run nothing",
+        "inventory": INVENTORY_HELP,
+    },
+)
+def enroll(c: Context, host: str, dry_run: bool = False, inventory: str | None = None) -> None:
+    """Enroll a host for sops-nix: its age recipient (from its SSH host key) into .sops.yaml.
+
+    Reads /etc/ssh/ssh_host_ed25519_key.pub over SSH (strict host keys), checks it against
+    known_hosts, updates .sops.yaml, and runs `sops updatekeys` on the host's secrets.
+
+    Example: invoke enroll --host vps
+    """
+    from rebuild import enroll as enrollment
+
+    _guard(False, lambda: enrollment.run(inventory, host, dry_run=dry_run))

@@ -133,7 +133,11 @@ def configure_logging(*, json_output: bool, verbose: bool = False) -> None:
         renderer = structlog.processors.JSONRenderer()
     else:
         colors = sys.stderr.isatty() and "NO_COLOR" not in os.environ
-        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        # plain tracebacks: rich's (the default when rich is installed) prints local
+        # variables, and a local may hold a sudo password
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=structlog.dev.plain_traceback
+        )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

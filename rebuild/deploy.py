@@ -4,6 +4,7 @@ and an audit record for every host whatever happens."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import threading
@@ -17,6 +18,7 @@ from typing import IO
 import structlog
 
 from rebuild import audit, facts, gitstate, hostops, identity, nixos, process
+from rebuild import secrets as sudo_secrets
 from rebuild.console import Console, stdin_is_terminal
 from rebuild.errors import (
     BuildFailed,
@@ -31,7 +33,14 @@ from rebuild.errors import (
 )
 from rebuild.inventory import Loaded, Target
 from rebuild.plan import HostPlan, Plan, batches, check_names, render_plan
-from rebuild.remote import Endpoint, Remote, RemoteResult, key_is_known, unknown_key_message
+from rebuild.remote import (
+    Endpoint,
+    Remote,
+    RemoteResult,
+    key_is_known,
+    sudo_problem,
+    unknown_key_message,
+)
 from rebuild.verify import Check, Report, run_checks
 
 log = structlog.get_logger("rebuild")
@@ -80,6 +89,8 @@ class HostRun:
     report: Report | None = None
     rollback_report: Report | None = None
     started: float = field(default_factory=time.monotonic)
+    responder: process.Responder | None = None  # answers nixos-rebuild's sudo password prompt
+    sudo_complaint: str = ""  # a line where sudo refused nixos-rebuild
 
     @property
     def name(self) -> str:
@@ -422,16 +433,67 @@ def wait_for_return(hr: HostRun, console: Console, cancel: threading.Event) -> s
     return None
 
 
+def attach_sudo_password(hr: HostRun) -> None:
+    """A sudo host's password from the OS keyring; none stored means passwordless sudo."""
+    spec = hr.target.settings
+    if not spec.sudo:
+        return
+    try:
+        password = sudo_secrets.get(hr.name, spec.user)
+    except sudo_secrets.KeyringUnavailable:
+        log.debug("no keyring backend; assuming passwordless sudo", host=hr.name)
+        hr.endpoint = dataclasses.replace(hr.endpoint, keyring_available=False)
+        return
+    if password is not None:
+        hr.endpoint = dataclasses.replace(hr.endpoint, sudo_password=password)
+
+
+LEGACY_SUDO_PROMPTS = 16  # older nixos-rebuild asks once per ssh session; a bound, not a loop
+
+
 def run_nixos_rebuild(hr: HostRun, loaded: Loaded, console: Console,
                       cancel: threading.Event) -> process.Completed:  # fmt: skip
     env = child_env(loaded, hr.target)
     log.debug("running nixos-rebuild", host=hr.name, command=hr.command)
+    password = hr.endpoint.sudo_password
+    if password is not None and hr.target.settings.sudo and hr.action != "build":
+        legacy = hr.target.settings.sudo_flag != "--sudo"
+        hr.responder = process.Responder(
+            password, max_answers=LEGACY_SUDO_PROMPTS if legacy else 1
+        )
+
+    def on_line(line: str) -> None:
+        if not hr.sudo_complaint and line.lstrip().startswith("sudo:"):
+            hr.sudo_complaint = line
+        console.host_line(hr.name, line)
+
     return process.stream(
-        hr.command,
-        env=env,
-        on_line=lambda line: console.host_line(hr.name, line),
-        cancel=cancel,
+        hr.command, env=env, on_line=on_line, cancel=cancel, responder=hr.responder
     )
+
+
+def build_failure(hr: HostRun, done: process.Completed) -> str:
+    """Why nixos-rebuild failed, for the operator: sudo's refusal said plainly, else the tail."""
+    user = hr.target.settings.user
+    if hr.responder is not None and hr.responder.failed:
+        return (
+            f"{hr.name}: sudo on {hr.name} rejected the stored password of {user}; "
+            "nixos-rebuild was stopped and nothing more was tried; store the right one with "
+            f"`invoke secret set --host {hr.name}`"
+        )
+    if hr.sudo_complaint:
+        problem = sudo_problem(hr.endpoint, hr.sudo_complaint)
+        if problem is not None and hr.responder is not None and "needs a password" in problem:
+            flag = hr.target.settings.sudo_flag
+            problem = (
+                f"sudo on {hr.name} asked for a password that nixos-rebuild did not hand over "
+                f"({flag}); with nixos-rebuild-ng (NixOS 25.05 and later) set "
+                f'sudo_flag = "--sudo" for {hr.name}: rebuild then passes --ask-sudo-password'
+            )
+        if problem is not None:
+            return f"{hr.name}: nixos-rebuild exited {done.returncode}: {problem}"
+    tail = "\n".join(done.stderr.splitlines()[-10:])
+    return f"{hr.name}: nixos-rebuild exited {done.returncode}:\n{tail}"
 
 
 def deploy_host(hr: HostRun, loaded: Loaded, opts: Options, console: Console,
@@ -464,9 +526,8 @@ def deploy_host(hr: HostRun, loaded: Loaded, opts: Options, console: Console,
             arm_timer(hr)  # a full window for verification
     activated_anyway = False
     if not done.ok:
-        tail = "\n".join(done.stderr.splitlines()[-10:])
         if hr.action not in ("switch", "test"):
-            raise BuildFailed(f"{hr.name}: nixos-rebuild exited {done.returncode}:\n{tail}")
+            raise BuildFailed(build_failure(hr, done))
         try:
             now = current_system(hr)
         except RebuildError:
@@ -484,7 +545,7 @@ def deploy_host(hr: HostRun, loaded: Loaded, opts: Options, console: Console,
             if use_timer:
                 with contextlib.suppress(RebuildError):
                     cancel_timer(hr)
-            raise BuildFailed(f"{hr.name}: nixos-rebuild exited {done.returncode}:\n{tail}")
+            raise BuildFailed(build_failure(hr, done))
     if hr.action in ("build", "dry-activate"):
         hr.record.result, hr.record.exit_code = "ok", 0
         return None
@@ -616,9 +677,11 @@ def rebuild(loaded: Loaded, targets: list[Target], opts: Options, console: Conso
                 hr.record.overrides.append("no-verify")
             if not opts.rollback:
                 hr.record.overrides.append("no-rollback")
+            attach_sudo_password(hr)
             hr.command = nixos.nixos_rebuild_argv(
                 loaded.inventory.nixos_rebuild, hr.action, loaded.flake, hr.target,
                 rollback=opts.rollback_generation,
+                ask_sudo_password=hr.endpoint.sudo_password is not None,
             )  # fmt: skip
             hr.record.command = list(hr.command)
         host_key_gate(runs)
@@ -689,6 +752,10 @@ def rebuild(loaded: Loaded, targets: list[Target], opts: Options, console: Conso
         console.error(str(exc))
         return exc.exit_code
     finally:
+        # all held host locks at once: a refused or declined fleet run must not pay a round
+        # trip per host, one host after the other, before it exits (the loop below retries)
+        with contextlib.suppress(Exception):
+            _parallel([hr for hr in runs if hr.remote_locked], release_remote_lock, opts.jobs)
         for hr in runs:
             if not _finished(hr):
                 finish(hr, RebuildError("run ended without an outcome"))
@@ -787,6 +854,7 @@ def rollout(runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Options, cons
             for hr in group:
                 hr.record.result, hr.record.exit_code = "skipped", 0
                 hr.record.message = "not reached: the rollout stopped before this batch"
+                hr.record.final_system = hr.previous  # untouched: still what it ran
                 release_remote_lock(hr)
             continue
 
@@ -844,7 +912,7 @@ def _print_json(runs: list[HostRun]) -> None:
             else {"host": hr.name, "ok": False, "current_system": hr.record.final_system,
                   "expected_system": hr.expected, "checks": []}
         )  # fmt: skip
-        data["ok"] = hr.record.exit_code == 0 and (report is None or report.ok)
+        data["ok"] = hr.record.result == "ok" and (report is None or report.ok)
         data["result"] = hr.record.result
         data["exit_code"] = hr.record.exit_code
         data["run_id"] = hr.record.run_id

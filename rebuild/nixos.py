@@ -78,8 +78,15 @@ def nixos_rebuild_argv(
     target: Target,
     *,
     rollback: bool = False,
+    ask_sudo_password: bool = False,
 ) -> list[str]:
-    """The exact nixos-rebuild command line for a host (an argv list, never a shell string)."""
+    """The exact nixos-rebuild command line for a host (an argv list, never a shell string).
+
+    `ask_sudo_password`: the host's sudo wants a password (rebuild answers the prompt on a
+    pseudo-terminal); nixos-rebuild-ng then asks once and feeds it to `sudo --stdin`. Older
+    nixos-rebuild (`sudo_flag = "--use-remote-sudo"`) has no such flag: its sudo prompts through
+    `ssh -t` and rebuild answers those prompts.
+    """
     spec = target.settings
     argv = [program, action, "--flake", f"{flake}#{target.attr}"]
     if action != "build":
@@ -90,6 +97,8 @@ def nixos_rebuild_argv(
         argv += ["--build-host", spec.build_host]
     if spec.sudo and action != "build":
         argv.append(spec.sudo_flag)
+        if ask_sudo_password and spec.sudo_flag == "--sudo":
+            argv.append("--ask-sudo-password")
     if spec.use_substitutes and action != "build":
         argv.append("--use-substitutes")
     if rollback:

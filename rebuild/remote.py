@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import shlex
 import socket
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ class Endpoint:
     connect_timeout: float = 10
     sudo: bool = False
     sudo_password: str | None = field(default=None, repr=False)
+    keyring_available: bool = True  # for the message when sudo wants a password we lack
 
     @property
     def key_name(self) -> str:
@@ -186,11 +188,17 @@ class Remote:
         The script is composed by rebuild with every inventory value already quoted (`quote`).
         """
         command = script
-        if privileged and self.endpoint.sudo:
-            command = sudo_command(script)
+        stdin: io.StringIO | bool = False
+        sudo = privileged and self.endpoint.sudo
+        if sudo:
+            password = self.endpoint.sudo_password
+            command = sudo_command(script, with_password=password is not None)
+            if password is not None:
+                # sudo -S reads it from the command's stdin: never in an argv or environment
+                stdin = _WholeStream(password + "\n")
         try:
             result = self.conn.run(
-                command, hide=True, warn=True, in_stream=False, timeout=timeout, pty=False
+                command, hide=True, warn=True, in_stream=stdin, timeout=timeout, pty=False
             )
         except CommandTimedOut:
             raise RemoteError(
@@ -198,12 +206,75 @@ class Remote:
             ) from None
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise RemoteError(f"{self.endpoint.name}: connection lost: {exc}") from None
+        if sudo and result.exited != 0:
+            problem = sudo_problem(self.endpoint, str(result.stderr))
+            if problem is not None:
+                raise GateRefused(problem)
         return RemoteResult(int(result.exited), str(result.stdout), str(result.stderr))
 
 
-def sudo_command(script: str) -> str:
-    """Run a script as root through non-interactive sudo (a password is never put in argv)."""
+class _WholeStream(io.StringIO):
+    """stdin for one remote command: Invoke reads a non-terminal stream one character per
+    poll; hand it everything at once (then EOF, so a rejected password fails at once)."""
+
+    def read(self, size: int | None = -1) -> str:
+        return super().read()
+
+
+def sudo_command(script: str, *, with_password: bool = False) -> str:
+    """Run a script as root through sudo; a password is never put in argv or the environment.
+
+    Without a password, non-interactive sudo (`-n`): a sudo that wants one fails at once.
+    With one, `-S -p ''`: sudo reads it from stdin, without a prompt. The script first drains
+    its stdin (the password line when sudo did not need it, NOPASSWD; else nothing until EOF)
+    into a variable it unsets at once, then detaches stdin: the rest of the script never sees
+    the password, and the command never ends before rebuild has written and closed its stdin
+    (closing it after the channel was gone would fail).
+    """
+    if with_password:
+        drain = f"IFS= read -r {_DRAIN} || true; unset {_DRAIN}; exec </dev/null\n"
+        return "sudo -S -p '' -- sh -c " + shlex.quote(drain + script)
     return "sudo -n -- sh -c " + shlex.quote(script)
+
+
+_DRAIN = "rebuild_stdin"
+
+
+SUDO_REJECTED = ("incorrect password attempt", "Sorry, try again", "no password was provided")
+SUDO_NEEDS_PASSWORD = ("a password is required", "a terminal is required")
+
+
+def sudo_problem(endpoint: Endpoint, stderr: str) -> str | None:
+    """What sudo's own complaint on stderr means for the operator, or None if it is not sudo's.
+
+    Every case is final: rebuild never retries a password.
+    """
+    name, user = endpoint.name, endpoint.user
+    if any(marker in stderr for marker in SUDO_REJECTED):
+        return (
+            f"sudo on {name} rejected the stored password of {user}; store the right one "
+            f"with `invoke secret set --host {name}`"
+        )
+    if any(marker in stderr for marker in SUDO_NEEDS_PASSWORD):
+        if not endpoint.keyring_available:
+            from rebuild.secrets import no_backend_message
+
+            return f"sudo on {name} needs a password for {user}: " + no_backend_message(
+                name, user
+            )
+        return (
+            f"sudo on {name} needs a password for {user} and none is stored; store it with "
+            f"`invoke secret set --host {name}` (kept in the OS keyring), or allow "
+            f"passwordless sudo for {user} on {name} (a NOPASSWD rule)"
+        )
+    if "not in the sudoers file" in stderr or "is not allowed to" in stderr:
+        return (
+            f"{user} may not use sudo on {name} (sudo: not in the sudoers file); grant it "
+            f"sudo rights there, or deploy as root"
+        )
+    if "sudo: command not found" in stderr or "sudo: not found" in stderr:
+        return f"sudo = true for {name}, but the host has no sudo; install it, or deploy as root"
+    return None
 
 
 def quote(value: str) -> str:

@@ -9,6 +9,11 @@ sessions get ``PATH=<testbed>/hostbin:...`` and ``SIM_ROOT=<host state dir>`` th
 commands it runs on real NixOS. Store paths are real directories of a shared store
 (``NIX_STORE_DIR``). The operator-side ``nix`` and ``nixos-rebuild`` stand-ins live in
 ``<testbed>/bin`` and are announced through :meth:`Testbed.env`.
+
+A host's ``/etc/ssh/ssh_host_*_key.pub`` (read with ``cat``) is ``$SIM_ROOT/etc/ssh/...``, a
+link to the key its sshd serves. ``Testbed(other_users=True)`` lets hosts log in real local
+users besides the test bed's own (``rebuild.testbed.users``: passwordless sudo, password sudo,
+no sudo); without sudo such a user can read a host's state but not change it, as on NixOS.
 """
 
 from __future__ import annotations

@@ -30,12 +30,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 from rebuild.testbed.procs import PidRegistry, is_alive, proc_parent, proc_start_time, terminate
 from rebuild.testbed.store import SimError, canonical_json, load_system
 
 MAPPED_PREFIXES = ("/run", "/nix/var")
+# `cat` also reads the host's SSH host public keys (what `invoke enroll` reads): the host's
+# /etc/ssh is $SIM_ROOT/etc/ssh, whose ssh_host_*_key.pub link to the keys its sshd serves
+HOST_KEY_RE = re.compile(r"^/etc/ssh/ssh_host_[a-z0-9]+_key\.pub$")
 SIM_ROOT_MARKER = ".sim-root"
 PROFILE = "/nix/var/nix/profiles/system"
 SERVICE_MAX_SECONDS = 900.0  # hard cap for any simulated service (keeps every wait bounded)
@@ -167,7 +170,14 @@ def locked_state(host: Host, *, write: bool = True) -> Iterator[dict[str, Any]]:
     """The host's systemd/activation state under the host lock (saved on exit when write)."""
     host.sim.mkdir(parents=True, exist_ok=True)
     lock_path = host.sim / "lock"
-    with lock_path.open("a+b") as lock:
+    handle: IO[bytes]
+    try:
+        handle = lock_path.open("a+b")
+    except PermissionError:
+        if write:  # a user without sudo changing the host's systemd state
+            raise SimError("Access denied (this needs root: use sudo)") from None
+        handle = lock_path.open("rb")  # reading state needs no privilege, as on NixOS
+    with handle as lock:
         deadline = time.monotonic() + 60.0
         mode = fcntl.LOCK_EX if write else fcntl.LOCK_SH
         while True:
@@ -1521,6 +1531,8 @@ def path_shim(name: str, argv: Sequence[str]) -> int:
         print(f"{name}: {exc}", file=sys.stderr)
         return 1
     mapped = [map_arg(a, root) for a in argv]
+    if name == "cat":
+        mapped = [f"{root}{a}" if HOST_KEY_RE.match(a) else a for a in mapped]
     capture_out = name in ("readlink", "ls")
     result = subprocess.run(
         [name, *mapped],

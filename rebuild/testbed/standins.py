@@ -9,6 +9,7 @@ way nixos-rebuild-ng does. Messages and exit codes follow the real tools.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import re
@@ -563,10 +564,11 @@ class RebuildFailed(Exception):
 class Remote:
     """Runs commands on a target host the way nixos-rebuild-ng's run_wrapper does."""
 
-    def __init__(self, host: str, verbose: bool) -> None:
+    def __init__(self, host: str, verbose: bool, sudo_password: str | None = None) -> None:
         self.host = host
         self.opts = shlex.split(os.environ.get("NIX_SSHOPTS", ""))
         self.verbose = verbose
+        self.sudo_password = sudo_password  # --ask-sudo-password: fed to `sudo --stdin`
 
     def argv(
         self, args: Sequence[str | Raw], sudo: bool, extra_env: dict[str, str] | None = None
@@ -575,7 +577,11 @@ class Remote:
         cmd += [f"{k}={v}" for k, v in (extra_env or {}).items()]
         cmd += list(args)
         if sudo:
-            cmd = ["sudo", *shlex.split(os.environ.get("NIX_SUDOOPTS", "")), *cmd]
+            sudo_opts = shlex.split(os.environ.get("NIX_SUDOOPTS", ""))
+            if self.sudo_password:
+                cmd = ["sudo", "--prompt=", "--stdin", *sudo_opts, *cmd]
+            else:
+                cmd = ["sudo", *sudo_opts, *cmd]
         words = [a.text if isinstance(a, Raw) else shlex.quote(a) for a in cmd]
         return ["ssh", *self.opts, self.host, "--", *words]
 
@@ -590,6 +596,8 @@ class Remote:
         check: bool = True,
     ) -> subprocess.CompletedProcess[str]:
         argv = self.argv(args, sudo, extra_env)
+        if sudo and self.sudo_password:
+            stdin_text = self.sudo_password + "\n"  # never in an argv or the environment
         if self.verbose:
             shown = [a.text if isinstance(a, Raw) else a for a in args]
             _err(f"calling run with args={shown!r}, remote={self.host!r}, sudo={sudo}")
@@ -717,7 +725,14 @@ def _execute(args: argparse.Namespace, store: Path) -> int:
         raise RebuildFailed(
             f"error: nixos-rebuild {action} is not simulated by the rebuild test bed"
         )
-    target = Remote(args.target_host, verbose) if args.target_host else None
+    password = None
+    if args.ask_sudo_password and args.target_host:
+        # like nixos-rebuild-ng: asked once, on the terminal (getpass uses /dev/tty)
+        try:
+            password = getpass.getpass(f"[sudo] password for {args.target_host}: ")
+        except EOFError:
+            raise RebuildFailed("") from None
+    target = Remote(args.target_host, verbose, password) if args.target_host else None
     build_host = Remote(args.build_host, verbose) if args.build_host else None
     if action in ("switch", "boot", "test", "dry-activate") and target is None:
         raise RebuildFailed(

@@ -149,6 +149,37 @@ def _wait_tcp(
     return False
 
 
+def _runnable_by_everyone(path: str) -> bool:
+    real = Path(os.path.realpath(path))
+    try:
+        if not real.stat().st_mode & 0o001:
+            return False
+        return all(parent.stat().st_mode & 0o001 for parent in real.parents)
+    except OSError:
+        return False
+
+
+def shared_python() -> str:
+    """A Python 3.11+ that every local user can run (shims run as the hosts' login users)."""
+    candidates = [sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]
+    candidates += [f"/usr/bin/python3.{minor}" for minor in range(11, 20)]
+    for candidate in candidates:
+        if not Path(candidate).exists() or not _runnable_by_everyone(candidate):
+            continue
+        check = subprocess.run(
+            [candidate, "-I", "-S", "-c", "import sys; sys.exit(sys.version_info < (3, 11))"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        if check.returncode == 0:
+            return candidate
+    raise TestbedError(
+        f"no Python 3.11+ that every user can run ({sys.executable} is private to its owner); "
+        "install python3 (3.11 or later) system-wide"
+    )
+
+
 def _write_script(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
     path.chmod(0o755)
@@ -238,9 +269,14 @@ class SimHost:
         self.host_key_line = " ".join(
             Path(f"{host_key}.pub").read_text(encoding="utf-8").split()[:2]
         )
+        # the host's /etc/ssh (for `cat`): its public key is the one this sshd serves
+        etc_ssh = self.root / "etc" / "ssh"
+        etc_ssh.mkdir(parents=True)
+        (etc_ssh / host_key.with_suffix(".pub").name).symlink_to(f"{host_key}.pub")
         auth = self.dir / "authorized_keys"
         shutil.copyfile(f"{tb.client_key}.pub", auth)
-        auth.chmod(0o600)
+        # sshd reads it as the user logging in: other users need to read it (a public key)
+        auth.chmod(0o644 if tb.other_users else 0o600)
         info = {
             "name": self.name,
             "address": self.sshd_address,
@@ -501,7 +537,10 @@ class Testbed:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, other_users: bool = False) -> None:
+        """``other_users``: hosts also log in other local users (see ``rebuild.testbed.users``):
+        the directory is opened to them and shims run with a Python every user can run."""
+        python = shared_python() if other_users else sys.executable
         if root is None:
             self.root = Path(tempfile.mkdtemp(prefix="rbtb-")).resolve()
         else:
@@ -509,7 +548,10 @@ class Testbed:
             if any(root.iterdir()):
                 raise TestbedError(f"test bed root {root} must be empty")
             self.root = root.resolve()
-        self.python = sys.executable
+        if other_users:
+            self.root.chmod(0o755)
+        self.other_users = other_users
+        self.python = python
         self.bin_dir = self.root / "bin"
         self.hostbin_dir = self.root / "hostbin"
         self.store_dir = self.root / "store"

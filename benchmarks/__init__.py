@@ -1,0 +1,1 @@
+"""rebuild's benchmarks (not tests): `python -m benchmarks`; see benchmarks/README.md."""

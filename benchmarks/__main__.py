@@ -1,0 +1,54 @@
+"""Run the benchmarks: `.venv/bin/python -m benchmarks [--only fleet|verify] [--hosts N]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import fleet, verification
+from benchmarks.bed import require_tools
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--only", choices=("fleet", "verify"), help="run one benchmark only")
+    parser.add_argument("--hosts", type=int, default=20, help="fleet size (default 20)")
+    parser.add_argument("--reps", type=int, default=2,
+                        help="repetitions of the short measurements (median; default 2)")
+    parser.add_argument("--loopback", action="store_true",
+                        help="loopback hosts even when network namespaces are available")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    why = require_tools()
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    out: dict[str, object] = {}
+    reports = []
+    if args.only in (None, "verify"):
+        v = verification.run(reps=max(args.reps, 3), say=say)
+        out["verification"] = v
+        reports.append(verification.report(v))
+    if args.only in (None, "fleet"):
+        f = fleet.run(args.hosts, args.reps, want_netns=not args.loopback, say=say)
+        pairs = f.pop("_pairs")
+        reports.append(fleet.report({**f, "_pairs": pairs}))
+        out["fleet"] = f
+    for text in reports:
+        print(text)
+    print(f"\n(total {time.monotonic() - started:.0f}s)")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
