@@ -74,6 +74,38 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+def _supervise(
+    proc: subprocess.Popen[bytes],
+    program: str,
+    tail: deque[str],
+    *,
+    cancel: threading.Event | None,
+    timeout: float | None,
+    give_up: Callable[[], str | None] = lambda: None,
+) -> int:
+    """Wait for a child, stopping it when cancelled, past its timeout, or when `give_up` says
+    why (a rejected password); the reason lands in `tail`."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        reason = give_up()
+        if reason is not None:
+            _stop(proc)
+            tail.append(f"{program}: stopped: {reason}")
+            return 1
+        if cancel is not None and cancel.is_set():
+            _stop(proc)
+            tail.append(f"{program}: stopped (interrupted)")
+            return 130
+        if deadline is not None and time.monotonic() > deadline:
+            _stop(proc)
+            tail.append(f"{program}: timed out after {timeout:g}s")
+            return 124
+
+
 def stream(
     argv: Sequence[str],
     *,
@@ -128,24 +160,8 @@ def stream(
     ]
     for reader in readers:
         reader.start()
-    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while True:
-            try:
-                returncode = proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if cancel is not None and cancel.is_set():
-                _stop(proc)
-                returncode = 130
-                tail.append(f"{argv[0]}: stopped (interrupted)")
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                _stop(proc)
-                returncode = 124
-                tail.append(f"{argv[0]}: timed out after {timeout:g}s")
-                break
+        returncode = _supervise(proc, argv[0], tail, cancel=cancel, timeout=timeout)
     except KeyboardInterrupt:
         _stop(proc)
         for reader in readers:
@@ -314,29 +330,15 @@ def _stream_pty(
 
     reader = threading.Thread(target=pump, daemon=True, name="pty-reader")
     reader.start()
-    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while True:
-            try:
-                returncode = proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if responder.failed:
-                _stop(proc)
-                returncode = 1
-                tail.append(f"{argv[0]}: stopped: the password was not accepted")
-                break
-            if cancel is not None and cancel.is_set():
-                _stop(proc)
-                returncode = 130
-                tail.append(f"{argv[0]}: stopped (interrupted)")
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                _stop(proc)
-                returncode = 124
-                tail.append(f"{argv[0]}: timed out after {timeout:g}s")
-                break
+        returncode = _supervise(
+            proc,
+            argv[0],
+            tail,
+            cancel=cancel,
+            timeout=timeout,
+            give_up=lambda: "the password was not accepted" if responder.failed else None,
+        )
     except KeyboardInterrupt:
         _stop(proc)
         done.set()
