@@ -517,13 +517,15 @@ def deploy_host(hr: HostRun, loaded: Loaded, opts: Options, console: Console,
         )  # fmt: skip
     if use_timer:
         try:
-            fired = timer_fired(hr)
+            arm_timer(hr)  # a full window for verification, unless the timer already fired
+            fired = hr.timer_has_fired
         except RebuildError:
-            return lost(hr, console, cancel)
+            try:
+                fired = timer_fired(hr)
+            except RebuildError:
+                return lost(hr, console, cancel)
         if fired:
             return restored_by_timer(hr)
-        with contextlib.suppress(RebuildError):
-            arm_timer(hr)  # a full window for verification
     activated_anyway = False
     if not done.ok:
         if hr.action not in ("switch", "test"):
