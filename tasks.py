@@ -254,7 +254,6 @@ def image(
     _guard(json, lambda: images.run(inventory, host, allow_dirty=allow_dirty, json_mode=json))
 
 
-
 @task(
     positional=["op"],
     auto_shortflags=False,
@@ -276,6 +275,14 @@ def secret(
 
     Example: invoke secret set --host vps
     """
+    if op in ("-h", "--help"):  # Invoke hands `secret --help` to the positional argument
+        print(
+            "Usage: invoke secret set|clear --host NAME [--stdin] [--inventory PATH]\n\n"
+            "Keep a host's sudo password in the OS keyring (service rebuild), or remove it.\n"
+            "set asks twice without echo; --stdin reads one line instead (for automation).\n"
+            "Example: invoke secret set --host vps"
+        )
+        return
     from rebuild import secrets
 
     _guard(False, lambda: secrets.run(inventory, op, host, from_stdin=stdin))
