@@ -22,6 +22,12 @@ def _bash() -> None:
     os.environ.setdefault("INVOKE_RUN_SHELL", shutil.which("bash") or "/bin/sh")
 
 
+def _need(host: str) -> None:
+    """Tasks about one host require --host (Invoke would otherwise take it positionally)."""
+    if not host:
+        raise Exit("error: --host NAME is required (see `invoke hosts`)", code=2)
+
+
 def _guard(json_mode: bool, body: Callable[[], int]) -> None:
     """Run a task body: errors become one line and an exit code, never a traceback."""
     _bash()
@@ -102,13 +108,14 @@ def rebuild(
     auto_shortflags=False,
     help={"host": HOST_HELP, "json": "print one JSON object", "inventory": INVENTORY_HELP},
 )
-def verify(c: Context, host: str, json: bool = False, inventory: str | None = None) -> None:
+def verify(c: Context, host: str = "", json: bool = False, inventory: str | None = None) -> None:
     """Verify a running host: expected system (from HEAD), units, ports, URLs, commands.
 
     Example: invoke verify --host vps
     """
     from rebuild import cli
 
+    _need(host)
     _guard(json, lambda: cli.verify(inventory, host, json))
 
 
@@ -127,7 +134,7 @@ def verify(c: Context, host: str, json: bool = False, inventory: str | None = No
 )
 def rollback(
     c: Context,
-    host: str,
+    host: str = "",
     yes: bool = False,
     dry_run: bool = False,
     allow_dirty: bool = False,
@@ -147,6 +154,7 @@ def rollback(
         verify=not no_verify, rollback=False, json=json, break_lock=break_lock,
         rollback_generation=True,
     )  # fmt: skip
+    _need(host)
     _guard(json, lambda: cli.rebuild(inventory, [host], [], opts))
 
 
@@ -242,7 +250,7 @@ def history(
     },
 )
 def image(
-    c: Context, host: str, allow_dirty: bool = False, json: bool = False,
+    c: Context, host: str = "", allow_dirty: bool = False, json: bool = False,
     inventory: str | None = None,
 ) -> None:  # fmt: skip
     """Build the host's disk image (nixos-rebuild build-image); print path, size and sha256.
@@ -251,6 +259,7 @@ def image(
     """
     from rebuild import image as images
 
+    _need(host)
     _guard(json, lambda: images.run(inventory, host, allow_dirty=allow_dirty, json_mode=json))
 
 
@@ -296,7 +305,7 @@ def secret(
         "inventory": INVENTORY_HELP,
     },
 )
-def enroll(c: Context, host: str, dry_run: bool = False, inventory: str | None = None) -> None:
+def enroll(c: Context, host: str = "", dry_run: bool = False, inventory: str | None = None) -> None:
     """Enroll a host for sops-nix: its age recipient (from its SSH host key) into .sops.yaml.
 
     Reads /etc/ssh/ssh_host_ed25519_key.pub over SSH (strict host keys), checks it against
@@ -306,4 +315,5 @@ def enroll(c: Context, host: str, dry_run: bool = False, inventory: str | None =
     """
     from rebuild import enroll as enrollment
 
+    _need(host)
     _guard(False, lambda: enrollment.run(inventory, host, dry_run=dry_run))

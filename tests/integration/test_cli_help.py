@@ -1,0 +1,49 @@
+"""Every task answers `invoke TASK --help` with its flags, and a missing --host is exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", "--search-root", str(REPO), *args],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
+    )  # fmt: skip
+
+
+def tasks() -> list[str]:
+    listing = json.loads(invoke("--list-format=json", "--list").stdout)
+    return sorted(t["name"] for t in listing["tasks"])
+
+
+@pytest.mark.parametrize("task", tasks())
+def test_task_help(task: str) -> None:
+    """`invoke TASK --help` prints the task's usage and exits 0 (never runs the task)."""
+    done = invoke(task, "--help")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Usage" in done.stdout and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("task", ["verify", "rollback", "image", "enroll"])
+def test_missing_host_is_usage_error(task: str) -> None:
+    """A one-host task without --host exits 2 with a one-line error."""
+    done = invoke(task)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --host NAME is required (see `invoke hosts`)"
+
+
+def test_rebuild_help_documents_every_flag() -> None:
+    """`invoke --help rebuild` lists every flag of the contract."""
+    out = invoke("--help", "rebuild").stdout
+    for flag in ("--host", "--tag", "--all", "--action", "--yes", "--dry-run", "--allow-dirty",
+                 "--no-verify", "--no-rollback", "--json", "--batch", "--canary", "--max-fail",
+                 "--jobs", "--inventory"):  # fmt: skip
+        assert flag in out, flag
