@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bed import Bed, BenchHost, median, run_invoke, ssh_true
-from rebuild import audit, deploy
+from rebuild import audit, deploy, hostrun
 from rebuild.inventory import load
 from rebuild.remote import Remote
 
@@ -98,7 +98,7 @@ def rebuild_once(inventory: Path, h: BenchHost) -> Sample:
     target = loaded.target(h.name)
     record = audit.Record(run_id="bench", host=h.name, address=target.address, action="verify",
                           flake=loaded.flake, attr=target.attr, operator={})  # fmt: skip
-    hr = deploy.HostRun(target, record, deploy.endpoint_for(loaded, target), "verify")
+    hr = hostrun.HostRun(target, record, hostrun.endpoint_for(loaded, target), "verify")
     expected = h.sim.current_system()
     h.proxy.reset()
     with counting_remote_runs() as runs:

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO
+from dataclasses import dataclass
 
 import structlog
 
-from rebuild import audit, facts, gitstate, hostops, identity, nixos, process
+from rebuild import audit, gitstate, hostops, identity, nixos, process
 from rebuild import secrets as sudo_secrets
 from rebuild.console import Console, stdin_is_terminal
 from rebuild.errors import (
@@ -27,27 +24,43 @@ from rebuild.errors import (
     Interrupted,
     RebuildError,
     RemoteError,
-    RolledBack,
     VerifyFailed,
     most_severe,
 )
+from rebuild.hostrun import (
+    HostRun,
+    child_env,
+    current_system,
+    endpoint_for,
+    expected_system,
+    verify_host,
+)
 from rebuild.inventory import Loaded, Target
+from rebuild.locks import (
+    release_local_lock,
+    release_remote_lock,
+    remote_lock,
+    take_local_lock,
+)
 from rebuild.plan import HostPlan, Plan, batches, check_names, render_plan
 from rebuild.remote import (
-    Endpoint,
-    Remote,
-    RemoteResult,
     key_is_known,
     sudo_problem,
     unknown_key_message,
 )
-from rebuild.verify import Check, Report, run_checks
+from rebuild.rollback import (
+    arm_timer,
+    cancel_timer,
+    heartbeat,
+    lost,
+    previous_generation,
+    restored_by_timer,
+    rollback_now,
+    timer_fired,
+)
+from rebuild.verify import Check
 
 log = structlog.get_logger("rebuild")
-
-LOST_GRACE = 20.0  # seconds past the timer's deadline before concluding a host is gone
-RECONNECT_INTERVAL = 2.0
-NIX_EVAL_TIMEOUT = 600
 
 
 @dataclass(frozen=True)
@@ -68,95 +81,6 @@ class Options:
     break_lock: bool = False
     every: bool = False
     rollback_generation: bool = False  # `invoke rollback`: nixos-rebuild switch --rollback
-
-
-@dataclass
-class HostRun:
-    """Everything one host's part of a run knows; its record is written exactly once."""
-
-    target: Target
-    record: audit.Record
-    endpoint: Endpoint
-    action: str
-    command: list[str] = field(default_factory=list)
-    expected: str | None = None
-    previous: str | None = None
-    remote: Remote | None = None
-    remote_locked: bool = False
-    local_lock: IO[str] | None = None
-    timer_armed_at: float | None = None
-    timer_has_fired: bool = False
-    report: Report | None = None
-    rollback_report: Report | None = None
-    started: float = field(default_factory=time.monotonic)
-    responder: process.Responder | None = None  # answers nixos-rebuild's sudo password prompt
-    sudo_complaint: str = ""  # a line where sudo refused nixos-rebuild
-
-    @property
-    def name(self) -> str:
-        return self.target.name
-
-    @property
-    def timer_wanted(self) -> bool:
-        return self.action in ("switch", "test") and self.target.settings.rollback_timeout > 0
-
-    def connection(self) -> Remote:
-        """The host's one connection, reopened if it died."""
-        if self.remote is not None:
-            transport = self.remote.conn.client.get_transport()
-            if transport is not None and transport.is_active():
-                return self.remote
-            self.remote.close()
-            self.remote = None
-        self.remote = Remote(self.endpoint).open()
-        return self.remote
-
-    def run(self, script: str, *, timeout: float = 60, privileged: bool = True) -> RemoteResult:
-        return self.connection().run(script, timeout=timeout, privileged=privileged)
-
-    def close(self) -> None:
-        if self.remote is not None:
-            self.remote.close()
-            self.remote = None
-
-
-def endpoint_for(loaded: Loaded, target: Target, sudo_password: str | None = None) -> Endpoint:
-    spec = target.settings
-    return Endpoint(
-        name=target.name,
-        address=spec.address,
-        port=spec.port,
-        user=spec.user,
-        known_hosts=loaded.known_hosts,
-        identity_file=loaded.identity_file(target),
-        connect_timeout=loaded.inventory.connect_timeout,
-        sudo=spec.sudo,
-        sudo_password=sudo_password,
-    )
-
-
-def ssh_settings(loaded: Loaded, target: Target) -> nixos.SshSettings:
-    return nixos.SshSettings(
-        port=target.settings.port,
-        known_hosts=loaded.known_hosts,
-        identity_file=loaded.identity_file(target),
-        connect_timeout=loaded.inventory.connect_timeout,
-        control_dir=control_dir(),
-    )
-
-
-def control_dir() -> Path:
-    """A short private folder for ssh's ControlPath sockets (unix socket paths are short)."""
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
-    path = base / f"rebuild-ssh-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
-
-
-def child_env(loaded: Loaded, target: Target) -> dict[str, str]:
-    env = dict(os.environ)
-    env["NIX_SSHOPTS"] = nixos.nix_sshopts(ssh_settings(loaded, target), env.get("NIX_SSHOPTS", ""))
-    return env
 
 
 # --- gates -----------------------------------------------------------------------------------
@@ -209,228 +133,7 @@ def terminal_gate(opts: Options) -> None:
         )
 
 
-# --- local lock ------------------------------------------------------------------------------
-
-
-def take_local_lock(state_dir: Path, host: str, run_id: str) -> IO[str]:
-    """A per-host lock on this machine (flock): one deploy of a host at a time from here."""
-    lock_dir = state_dir / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    handle = (lock_dir / f"{host}.lock").open("a+", encoding="utf-8")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another rebuild process"
-        handle.close()
-        raise GateRefused(
-            f"{host} is locked on this machine by {holder}; wait for it to finish"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"run {run_id} (pid {os.getpid()})")
-    handle.flush()
-    return handle
-
-
-def release_local_lock(handle: IO[str] | None) -> None:
-    if handle is None:
-        return
-    with contextlib.suppress(OSError):
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        handle.close()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
-                break_lock: bool, stale_after: float) -> None:  # fmt: skip
-    """Take the host's lock (and learn what it runs); a held lock refuses, naming the holder."""
-    answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
-    if not answer.acquired and answer.holder is not None and break_lock:
-        holder = answer.holder
-        stale = hostops.lock_is_stale(
-            holder,
-            now=time.time(),
-            stale_after=stale_after,
-            machine_id=me.machine_id,
-            pid_alive=pid_alive(holder.pid),
-        )
-        if not stale:
-            raise GateRefused(
-                f"{hr.name} is locked by {holder.describe()}; the lock is not stale (younger than "
-                f"{stale_after:g}s and its run may be alive), so --break-lock refuses to break it"
-            )
-        hr.run(hostops.break_script(holder.run_id), timeout=30)
-        hr.record.overrides.append(f"break-lock {holder.run_id}")
-        answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
-    if answer.acquired:
-        hr.remote_locked = True
-        hr.previous = answer.current_system
-        hr.record.previous_system = answer.current_system
-        return
-    if answer.holder is not None:
-        raise GateRefused(
-            f"{hr.name} is locked by {answer.holder.describe()}; wait for it to finish, or if "
-            "that run is gone, pass --break-lock (recorded in the audit)"
-        )
-    raise GateRefused(
-        f"cannot take the deploy lock on {hr.name}: {answer.error or 'no answer'}; rebuild needs "
-        "root on the host (user = \"root\", or sudo = true with sudo rights)"
-    )
-
-
-def release_remote_lock(hr: HostRun) -> None:
-    if not hr.remote_locked:
-        return
-    try:
-        hr.run(hostops.release_script(hr.record.run_id), timeout=20)
-        hr.remote_locked = False
-    except RebuildError as exc:
-        log.warning("could not release the host lock", host=hr.name, error=str(exc))
-
-
 # --- the steps on one host ---------------------------------------------------------------------
-
-
-def expected_system(loaded: Loaded, target: Target, flake: str | None = None) -> str:
-    argv = nixos.nix_eval_argv(loaded.inventory.nix, flake or loaded.flake, target.attr)
-    done = process.run(argv, timeout=NIX_EVAL_TIMEOUT)
-    path = done.stdout.strip()
-    if not done.ok or not path.startswith("/"):
-        tail = " ".join(done.stderr.strip().splitlines()[-3:]) or f"exit {done.returncode}"
-        raise BuildFailed(f"{target.name}: cannot evaluate {target.attr}: {tail}")
-    return path
-
-
-def gather(hr: HostRun, *, boot: bool) -> facts.Facts:
-    spec = hr.target.settings.verify
-    script = facts.script(spec, services=not boot)
-    result = hr.run(script, timeout=facts.script_timeout(spec), privileged=False)
-    return facts.parse(result.stdout, spec)
-
-
-def verify_host(hr: HostRun, expected: str | None, *, boot: bool = False,
-                settle_timeout: float | None = None) -> Report:  # fmt: skip
-    return run_checks(
-        lambda: gather(hr, boot=boot),
-        hr.target.settings.verify,
-        expected,
-        host=hr.name,
-        boot=boot,
-        settle_timeout=settle_timeout,
-    )
-
-
-def arm_timer(hr: HostRun) -> None:
-    if hr.previous is None:
-        raise RemoteError(f"{hr.name}: the current system is unknown; no dead-man timer possible")
-    seconds = hr.target.settings.rollback_timeout
-    result = hr.run(hostops.arm_timer_script(hr.record.run_id, hr.previous, seconds), timeout=30)
-    if not result.ok:
-        raise RemoteError(
-            f"{hr.name}: cannot arm the dead-man timer: "
-            f"{(result.stderr or result.stdout).strip()[-300:]}"
-        )
-    if result.stdout.strip() == "fired":
-        hr.timer_has_fired = True
-        return
-    hr.timer_armed_at = time.monotonic()
-
-
-def timer_fired(hr: HostRun) -> bool:
-    """Did the dead-man timer already fire (the host restored itself while we were away)?"""
-    if hr.timer_has_fired:
-        return True
-    result = hr.run(hostops.timer_state_script(hr.record.run_id), timeout=30)
-    return hostops.timer_elapsed(result.stdout)
-
-
-def restored_by_timer(hr: HostRun) -> None:
-    """nixos-rebuild came back, but the host's timer had already put the old system back."""
-    now = current_system(hr)
-    with contextlib.suppress(RebuildError):
-        cancel_timer(hr)
-    hr.record.final_system = now
-    if now == hr.previous:
-        raise RolledBack(
-            f"{hr.name}: the new system cut rebuild off; the host's dead-man timer restored "
-            f"{hr.previous}, which it runs now"
-        )
-    raise RemoteError(
-        f"{hr.name}: the dead-man timer fired but the host runs {now}; run `invoke verify`"
-    )
-
-
-def cancel_timer(hr: HostRun) -> bool:
-    """Cancel the dead-man timer and prove it is gone."""
-    result = hr.run(hostops.cancel_timer_script(hr.record.run_id), timeout=30)
-    gone = hostops.timer_gone(result.stdout)
-    if gone:
-        hr.timer_armed_at = None
-    return gone
-
-
-@contextlib.contextmanager
-def heartbeat(hr: HostRun, active: bool) -> Iterator[None]:
-    """While nixos-rebuild runs, keep pushing the dead-man deadline forward: if we lose the
-    host (its new configuration cut us off) the timer fires one timeout after the last beat."""
-    if not active:
-        yield
-        return
-    stop = threading.Event()
-    interval = max(3.0, min(30.0, hr.target.settings.rollback_timeout / 3))
-
-    def beat() -> None:
-        while not stop.wait(interval):
-            try:
-                arm_timer(hr)
-            except RebuildError:
-                continue
-
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{hr.name}")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=35)
-
-
-def current_system(hr: HostRun) -> str | None:
-    return facts.parse_store_path(
-        hr.run(f"readlink -f {facts.CURRENT_SYSTEM}; true\n", timeout=20, privileged=False)
-        .stdout.splitlines()
-    )
-
-
-def wait_for_return(hr: HostRun, console: Console, cancel: threading.Event) -> str | None:
-    """The host vanished after activation: wait for its timer to fire, then reconnect."""
-    armed = hr.timer_armed_at or time.monotonic()
-    deadline = armed + hr.target.settings.rollback_timeout
-    give_up = deadline + LOST_GRACE + hr.endpoint.connect_timeout * 3
-    console.host_line(
-        hr.name,
-        f"host lost; its dead-man timer restores {hr.previous} within "
-        f"{max(0, deadline - time.monotonic()):.0f}s; waiting to reconnect",
-    )
-    hr.close()
-    while time.monotonic() < give_up and not cancel.is_set():
-        if time.monotonic() >= deadline:
-            try:
-                return current_system(hr)
-            except RebuildError:
-                hr.close()
-        cancel.wait(RECONNECT_INTERVAL)
-    return None
 
 
 def attach_sudo_password(hr: HostRun) -> None:
@@ -458,9 +161,7 @@ def run_nixos_rebuild(hr: HostRun, loaded: Loaded, console: Console,
     password = hr.endpoint.sudo_password
     if password is not None and hr.target.settings.sudo and hr.action != "build":
         legacy = hr.target.settings.sudo_flag != "--sudo"
-        hr.responder = process.Responder(
-            password, max_answers=LEGACY_SUDO_PROMPTS if legacy else 1
-        )
+        hr.responder = process.Responder(password, max_answers=LEGACY_SUDO_PROMPTS if legacy else 1)
 
     def on_line(line: str) -> None:
         if not hr.sudo_complaint and line.lstrip().startswith("sudo:"):
@@ -579,48 +280,6 @@ def deploy_host(hr: HostRun, loaded: Loaded, opts: Options, console: Console,
     raise VerifyFailed(
         f"{hr.name}: verification failed; the host stays on {report.current_system}"
         + (" (--no-rollback)" if not opts.rollback else "")
-    )
-
-
-def rollback_now(hr: HostRun, console: Console) -> None:
-    if hr.previous is None:
-        raise VerifyFailed(f"{hr.name}: verification failed and the previous system is unknown")
-    console.host_line(hr.name, f"verification failed: rolling back to {hr.previous}")
-    result = hr.run(hostops.rollback_now_script(hr.record.run_id, hr.previous), timeout=600)
-    settle = min(30.0, hr.target.settings.verify.settle_timeout)
-    again = verify_host(hr, hr.previous, settle_timeout=settle)
-    hr.rollback_report = again
-    hr.record.rollback_checks = [c.to_json() for c in again.checks]
-    hr.record.final_system = again.current_system
-    console.report(again, title="after rollback")
-    if again.current_system == hr.previous:
-        state = "and it verifies" if again.ok else "but some checks still fail on it"
-        raise RolledBack(
-            f"{hr.name}: verification failed; rolled back to {hr.previous} {state}"
-            + ("" if result.ok else f" (activation exited {result.exited})")
-        )
-    raise RemoteError(
-        f"{hr.name}: verification failed and the rollback did not take: the host runs "
-        f"{again.current_system}; log in and run `nixos-rebuild switch --rollback`"
-    )
-
-
-def lost(hr: HostRun, console: Console, cancel: threading.Event) -> None:
-    now = wait_for_return(hr, console, cancel)
-    hr.record.final_system = now
-    if now is not None and now == hr.previous:
-        raise RolledBack(
-            f"{hr.name}: the host was lost after activation; its dead-man timer restored "
-            f"{hr.previous} and it answers again"
-        )
-    if now is None:
-        raise RemoteError(
-            f"{hr.name}: the host did not come back; its dead-man timer should have restored "
-            f"{hr.previous}; check it from the provider's console"
-        )
-    raise RemoteError(
-        f"{hr.name}: the host answers again but runs {now}, not the previous system; "
-        "run `invoke verify` and decide"
     )
 
 
@@ -808,21 +467,6 @@ def host_plan(hr: HostRun, opts: Options) -> HostPlan:
     )
 
 
-def previous_generation(hr: HostRun) -> str:
-    numbers, current = hostops.parse_generations(
-        hr.run(hostops.generations_script(), timeout=30).stdout
-    )
-    older = [n for n in numbers if current is not None and n < current]
-    if not older:
-        raise GateRefused(f"{hr.name}: no generation older than the current one to roll back to")
-    path = facts.parse_store_path(
-        hr.run(hostops.generation_path_script(max(older)), timeout=30).stdout.splitlines()
-    )
-    if path is None:
-        raise GateRefused(f"{hr.name}: cannot read the previous generation's system")
-    return path
-
-
 def confirm(runs: list[HostRun], opts: Options, loaded: Loaded, console: Console) -> None:
     if opts.yes:
         return
@@ -929,8 +573,13 @@ def verify_only(loaded: Loaded, target: Target, console: Console, *, json_mode: 
     hr = HostRun(
         target=target,
         record=audit.Record(
-            run_id=audit.new_run_id(), host=target.name, address=target.address,
-            action="verify", flake=loaded.flake, attr=target.attr, operator={},
+            run_id=audit.new_run_id(),
+            host=target.name,
+            address=target.address,
+            action="verify",
+            flake=loaded.flake,
+            attr=target.attr,
+            operator={},
         ),
         endpoint=endpoint_for(loaded, target),
         action="verify",

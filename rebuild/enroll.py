@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rebuild import agekey, audit, identity, process, sopsfile
-from rebuild.deploy import endpoint_for
 from rebuild.errors import ConfigError, GateRefused, RebuildError, RemoteError
+from rebuild.hostrun import endpoint_for
 from rebuild.inventory import Loaded, Target, load
 from rebuild.remote import Endpoint, Remote, key_is_known, known_host_keys, unknown_key_message
 

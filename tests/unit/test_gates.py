@@ -8,18 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from rebuild.deploy import (
-    Options,
-    git_gate,
-    operator_gate,
-    release_local_lock,
-    take_local_lock,
-    terminal_gate,
-)
+from rebuild.deploy import Options, git_gate, operator_gate, terminal_gate
 from rebuild.errors import GateRefused
 from rebuild.gitstate import GitState
 from rebuild.identity import Identity
 from rebuild.inventory import Loaded, load
+from rebuild.locks import release_local_lock, take_local_lock
 
 MID = "0123456789abcdef0123456789abcdef"
 OTHER = "fedcba9876543210fedcba9876543210"

@@ -12,7 +12,7 @@ import keyring
 import pytest
 from keyring.backends import fail
 
-from rebuild import deploy, process, secrets
+from rebuild import deploy, hostrun, process, secrets
 from rebuild.audit import Record
 from rebuild.errors import ConfigError, Declined, GateRefused
 from rebuild.inventory import HostSettings, Target
@@ -188,12 +188,12 @@ class TestNixosRebuildArgv:
         assert "--sudo" not in argv and "--ask-sudo-password" not in argv
 
 
-def host_run(target: Target) -> deploy.HostRun:
+def host_run(target: Target) -> hostrun.HostRun:
     record = Record(run_id="r", host="vps", address="203.0.113.10", action="switch",
                     flake="/f", attr="vps", operator={})  # fmt: skip
     ep = Endpoint(name="vps", address="203.0.113.10", port=22, user="deploy",
                   known_hosts=Path("/k"), sudo=target.settings.sudo)  # fmt: skip
-    return deploy.HostRun(target, record, ep, "switch")
+    return hostrun.HostRun(target, record, ep, "switch")
 
 
 class TestDeployWiring:

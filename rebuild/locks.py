@@ -1,0 +1,108 @@
+"""Deploy locks: one per host on this machine (flock) and one on the host (an atomic mkdir
+under /run naming its holder)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+from rebuild import hostops, identity
+from rebuild.errors import (
+    GateRefused,
+    RebuildError,
+)
+from rebuild.hostrun import HostRun
+
+log = structlog.get_logger("rebuild")
+
+
+def take_local_lock(state_dir: Path, host: str, run_id: str) -> IO[str]:
+    """A per-host lock on this machine (flock): one deploy of a host at a time from here."""
+    lock_dir = state_dir / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = (lock_dir / f"{host}.lock").open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another rebuild process"
+        handle.close()
+        raise GateRefused(
+            f"{host} is locked on this machine by {holder}; wait for it to finish"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"run {run_id} (pid {os.getpid()})")
+    handle.flush()
+    return handle
+
+
+def release_local_lock(handle: IO[str] | None) -> None:
+    if handle is None:
+        return
+    with contextlib.suppress(OSError):
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
+                break_lock: bool, stale_after: float) -> None:  # fmt: skip
+    """Take the host's lock (and learn what it runs); a held lock refuses, naming the holder."""
+    answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
+    if not answer.acquired and answer.holder is not None and break_lock:
+        holder = answer.holder
+        stale = hostops.lock_is_stale(
+            holder,
+            now=time.time(),
+            stale_after=stale_after,
+            machine_id=me.machine_id,
+            pid_alive=pid_alive(holder.pid),
+        )
+        if not stale:
+            raise GateRefused(
+                f"{hr.name} is locked by {holder.describe()}; the lock is not stale (younger than "
+                f"{stale_after:g}s and its run may be alive), so --break-lock refuses to break it"
+            )
+        hr.run(hostops.break_script(holder.run_id), timeout=30)
+        hr.record.overrides.append(f"break-lock {holder.run_id}")
+        answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
+    if answer.acquired:
+        hr.remote_locked = True
+        hr.previous = answer.current_system
+        hr.record.previous_system = answer.current_system
+        return
+    if answer.holder is not None:
+        raise GateRefused(
+            f"{hr.name} is locked by {answer.holder.describe()}; wait for it to finish, or if "
+            "that run is gone, pass --break-lock (recorded in the audit)"
+        )
+    raise GateRefused(
+        f"cannot take the deploy lock on {hr.name}: {answer.error or 'no answer'}; rebuild needs "
+        'root on the host (user = "root", or sudo = true with sudo rights)'
+    )
+
+
+def release_remote_lock(hr: HostRun) -> None:
+    if not hr.remote_locked:
+        return
+    try:
+        hr.run(hostops.release_script(hr.record.run_id), timeout=20)
+        hr.remote_locked = False
+    except RebuildError as exc:
+        log.warning("could not release the host lock", host=hr.name, error=str(exc))
