@@ -22,6 +22,34 @@ def _bash() -> None:
     os.environ.setdefault("INVOKE_RUN_SHELL", shutil.which("bash") or "/bin/sh")
 
 
+def _usage_errors_exit_2() -> None:
+    """Invoke exits 1 on an unknown flag or task, and shows a traceback for a flag value that
+    is not a number; rebuild's contract says bad usage is one line and exit 2. This module is
+    imported before Invoke parses the task flags, so wrapping that step here covers it."""
+    from invoke.exceptions import ParseError
+    from invoke.program import Program
+
+    original = Program.parse_tasks
+    if getattr(original, "rebuild_wrapped", False):
+        return
+
+    def parse_tasks(self: Program) -> None:
+        try:
+            original(self)
+        except ParseError as exc:
+            raise Exit(f"error: {exc} (see `invoke --list`, `invoke --help TASK`)", 2) from None
+        except ValueError as exc:
+            raise Exit(
+                f"error: bad flag value: {exc} (see `invoke --help TASK`)", code=2
+            ) from None
+
+    parse_tasks.rebuild_wrapped = True  # type: ignore[attr-defined]
+    Program.parse_tasks = parse_tasks  # type: ignore[method-assign]
+
+
+_usage_errors_exit_2()
+
+
 def _need(host: str) -> None:
     """Tasks about one host require --host (Invoke would otherwise take it positionally)."""
     if not host:

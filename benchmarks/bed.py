@@ -29,7 +29,7 @@ from typing import Any
 
 from rebuild import identity
 from rebuild.testbed import SimHost, Testbed, netns_available
-from rebuild.testbed.proxy import LatencyProxy, _Pipe
+from rebuild.testbed.proxy import LatencyProxy
 
 REPO = Path(__file__).resolve().parents[1]
 CORES = os.cpu_count() or 1
@@ -68,24 +68,9 @@ class CountingProxy(LatencyProxy):
                 self.exchanges += 1
             self._last_up = up
 
-    async def _writer(self, pipe: _Pipe, writer: asyncio.StreamWriter) -> None:
+    def forwarded(self, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("", 0)
-        up = int(peer[1]) == self.target_port  # writing to the sshd: client→host
-        try:
-            while True:
-                due, data = await pipe.queue.get()
-                wait = due - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if not data:
-                    if writer.can_write_eof():
-                        writer.write_eof()
-                    return
-                self._note(up)
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            return
+        self._note(int(peer[1]) == self.target_port)  # writing to the sshd: client→host
 
 
 # --------------------------------------------------------------------------- CPU accounting

@@ -153,6 +153,9 @@ class LatencyProxy:
         except (OSError, asyncio.IncompleteReadError):
             pipe.queue.put_nowait((time.monotonic(), b""))
 
+    def forwarded(self, writer: asyncio.StreamWriter) -> None:
+        """Called before each chunk is written on; subclasses count traffic here."""
+
     async def _writer(self, pipe: _Pipe, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
@@ -164,6 +167,7 @@ class LatencyProxy:
                     if writer.can_write_eof():
                         writer.write_eof()
                     return
+                self.forwarded(writer)
                 writer.write(data)
                 await writer.drain()
         except OSError:

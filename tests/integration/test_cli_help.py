@@ -47,3 +47,20 @@ def test_rebuild_help_documents_every_flag() -> None:
                  "--no-verify", "--no-rollback", "--json", "--batch", "--canary", "--max-fail",
                  "--jobs", "--inventory"):  # fmt: skip
         assert flag in out, flag
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("rebuild", "--host", "vps", "--batch", "abc"), "bad flag value"),
+        (("rebuild", "--host", "vps", "--bogus"), "No idea what '--bogus' is"),
+        (("nosuchtask",), "No idea what 'nosuchtask' is"),
+        (("rebuild", "--host", "vps", "--action", "reboot"), "unknown --action 'reboot'"),
+    ],
+)
+def test_bad_usage_is_exit_2_without_traceback(args: tuple[str, ...], message: str) -> None:
+    """A bad flag, flag value or task name is one error line and exit 2, never a traceback."""
+    done = invoke(*args)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
