@@ -95,6 +95,11 @@ def run() -> int:
             "the demo needs OpenSSH's sshd: install the Debian package openssh-server "
             "(sudo apt-get install openssh-server)"
         )
+    if not identity.current().machine_id:
+        raise ConfigError(
+            "this machine has no /etc/machine-id, which rebuild uses to authorize operators; "
+            "create one with `sudo systemd-machine-id-setup`"
+        )
     from rebuild.testbed import Testbed
 
     started = time.monotonic()
