@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,6 +180,5 @@ def run() -> int:
 
 
 def _json(data: object) -> str:
-    import json
 
     return json.dumps(data, indent=2, sort_keys=True) + "\n"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -547,8 +549,6 @@ def summary(runs: list[HostRun]) -> str:
 
 
 def _print_json(runs: list[HostRun]) -> None:
-    import json
-    import sys
 
     for hr in runs:
         report = hr.report
@@ -593,9 +593,6 @@ def verify_only(loaded: Loaded, target: Target, console: Console, *, json_mode: 
         report = verify_host(hr, expected, settle_timeout=0)
     except RebuildError as exc:
         if json_mode:
-            import json
-            import sys
-
             sys.stdout.write(json.dumps({
                 "host": target.name, "ok": False, "current_system": None,
                 "expected_system": None, "error": str(exc),
@@ -606,9 +603,6 @@ def verify_only(loaded: Loaded, target: Target, console: Console, *, json_mode: 
     finally:
         hr.close()
     if json_mode:
-        import json
-        import sys
-
         sys.stdout.write(json.dumps(report.to_json(), sort_keys=True) + "\n")
     else:
         console.report(report)

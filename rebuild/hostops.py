@@ -3,6 +3,7 @@ timer and the rollback. Pure builders and parsers; every value is quoted here.""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 
@@ -42,7 +43,6 @@ class LockOwner:
 
 
 def _iso(epoch: float) -> str:
-    import datetime as dt
 
     return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

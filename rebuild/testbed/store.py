@@ -212,6 +212,7 @@ class Flake:
     directory: Path
     git_root: Path | None  # None: `path:` semantics (every file counts)
     url: str  # how nix names it in messages: git+file:///x or path:/x
+    rev: str | None = None  # `?rev=<commit>`: that commit's files, not the working tree
 
     def _git(self, *args: str) -> str:
         if self.git_root is None:
@@ -229,9 +230,17 @@ class Flake:
             )
         return result.stdout
 
+    def _rel(self, relpath: str) -> str:
+        if self.git_root is None:
+            raise SimError(f"'{self.directory}' is not a git repository")
+        return (self.directory / relpath).relative_to(self.git_root).as_posix()
+
     def _tracked(self, relpath: str) -> bool:
         if self.git_root is None:
             return True
+        if self.rev is not None:
+            names = self._git("ls-tree", "--name-only", self.rev, "--", self._rel(relpath))
+            return bool(names.strip())
         rel = (self.directory / relpath).relative_to(self.git_root).as_posix()
         return bool(self._git("ls-files", "--", rel).strip())
 
@@ -240,7 +249,7 @@ class Flake:
             raise SimError(f"path '{self.directory}/flake.nix' does not exist")
 
     def dirty(self) -> bool:
-        if self.git_root is None:
+        if self.git_root is None or self.rev is not None:
             return False
         return bool(self._git("status", "--porcelain", "--untracked-files=no").strip())
 
@@ -250,6 +259,9 @@ class Flake:
             return []
         if self.git_root is None:
             names = [p.name for p in hosts.iterdir() if p.is_file()]
+        elif self.rev is not None:
+            listing = self._git("ls-tree", "--name-only", self.rev, "--", self._rel("hosts") + "/")
+            names = [Path(line).name for line in listing.splitlines()]
         else:
             rel = hosts.relative_to(self.git_root).as_posix()
             names = [Path(line).name for line in self._git("ls-files", "--", rel).splitlines()]
@@ -261,7 +273,11 @@ class Flake:
             return None
         path = self.directory / "hosts" / f"{attr}.json"
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            if self.rev is not None:
+                text = self._git("show", f"{self.rev}:{self._rel(f'hosts/{attr}.json')}")
+            else:
+                text = path.read_text(encoding="utf-8")
+            data = json.loads(text)
         except (OSError, ValueError) as exc:
             raise SimError(f"while evaluating nixosConfigurations.{attr}: {exc}") from exc
         if not isinstance(data, dict):
@@ -275,7 +291,11 @@ def resolve_flake(ref: str, cwd: Path | None = None) -> Flake:
     """Resolve a flake reference (``.``, a path, ``path:...``, ``git+file://...``)."""
     base = cwd or Path.cwd()
     force_path = False
-    raw = ref.split("?", 1)[0]
+    raw, _, query = ref.partition("?")
+    params = dict(p.partition("=")[::2] for p in query.split("&") if p)
+    rev = params.get("rev") or None
+    if rev is not None and not re.fullmatch(r"[0-9a-f]{7,40}", rev):
+        raise SimError(f"flake reference '{ref}' has an invalid rev")
     if raw.startswith("path:"):
         raw = raw[len("path:") :]
         force_path = True
@@ -302,7 +322,9 @@ def resolve_flake(ref: str, cwd: Path | None = None) -> Flake:
                 break
             probe = probe.parent
     url = f"git+file://{directory}" if git_root is not None else f"path:{directory}"
-    return Flake(directory=directory, git_root=git_root, url=url)
+    if rev is not None and git_root is None:
+        raise SimError(f"flake '{ref}': a rev needs a git repository")
+    return Flake(directory=directory, git_root=git_root, url=url, rev=rev)
 
 
 def split_attr_path(text: str) -> list[str]:
