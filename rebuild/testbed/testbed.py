@@ -149,6 +149,11 @@ def _wait_tcp(
     return False
 
 
+def _keygen(path: Path, comment: str) -> None:
+    """A new ed25519 key pair without a passphrase (host keys and the operator's key)."""
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+
+
 def _runnable_by_everyone(path: str) -> bool:
     real = Path(os.path.realpath(path))
     try:
@@ -252,20 +257,7 @@ class SimHost:
             self.sshd_address = address or "127.0.0.1"
             self.sshd_port = 0
         host_key = self.dir / "ssh_host_ed25519_key"
-        _run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                f"{self.name}@rebuild-testbed",
-                "-f",
-                str(host_key),
-            ]
-        )
+        _keygen(host_key, f"{self.name}@rebuild-testbed")
         self.host_key_line = " ".join(
             Path(f"{host_key}.pub").read_text(encoding="utf-8").split()[:2]
         )
@@ -576,20 +568,7 @@ class Testbed:
         (self.root / "hosts").mkdir()
         self.known_hosts.write_text("", encoding="utf-8")
         self.ssh_config.write_text("", encoding="utf-8")
-        _run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "operator@rebuild-testbed",
-                "-f",
-                str(self.client_key),
-            ]
-        )
+        _keygen(self.client_key, "operator@rebuild-testbed")
         self.client_key.chmod(0o600)
         header = script_header(self.python)
         for name in sim.SHIM_NAMES:
