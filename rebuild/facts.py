@@ -88,13 +88,13 @@ def script_timeout(spec: VerifySpec) -> float:
     return BASE_TIMEOUT + HTTP_TIMEOUT * len(spec.http) + spec.command_timeout * len(spec.commands)
 
 
-def split_sections(output: str) -> dict[str, list[str]]:
-    """Marker-delimited sections of the script's output."""
+def split_sections(output: str, mark: str = MARK) -> dict[str, list[str]]:
+    """Marker-delimited sections of a remote script's output (`<mark> name` starts one)."""
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in output.splitlines():
-        if line.startswith(MARK + " "):
-            name = line[len(MARK) + 1 :].strip()
+        if line.startswith(mark + " "):
+            name = line[len(mark) + 1 :].strip()
             if name.startswith("rc ") and current is not None:
                 current.append(line)
                 continue

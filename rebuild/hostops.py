@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 
-from rebuild.facts import CURRENT_SYSTEM, SYSTEM_PROFILE
+from rebuild.facts import CURRENT_SYSTEM, SYSTEM_PROFILE, parse_store_path, split_sections
 from rebuild.remote import quote
 
 LOCK_DIR = "/run/rebuild-lock"
@@ -104,26 +104,8 @@ class LockAnswer:
     profile_system: str | None
 
 
-def parse_sections(output: str) -> dict[str, list[str]]:
-    sections: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in output.splitlines():
-        if line.startswith(MARK + " "):
-            current = sections.setdefault(line[len(MARK) + 1 :].strip(), [])
-        elif current is not None:
-            current.append(line)
-    return sections
-
-
-def _store_path(lines: list[str]) -> str | None:
-    for line in lines:
-        if line.startswith("/"):
-            return line.strip()
-    return None
-
-
 def parse_acquire(output: str) -> LockAnswer:
-    s = parse_sections(output)
+    s = split_sections(output, MARK)
     lock = [line for line in s.get("lock", []) if line.strip()]
     first = lock[0] if lock else "error no answer from the lock step"
     holder = parse_owner("\n".join(lock[1:])) if first == "held" else None
@@ -131,8 +113,8 @@ def parse_acquire(output: str) -> LockAnswer:
         acquired=first == "acquired",
         holder=holder,
         error=first.removeprefix("error ").strip() if first.startswith("error") else "",
-        current_system=_store_path(s.get("current", [])),
-        profile_system=_store_path(s.get("profile", [])),
+        current_system=parse_store_path(s.get("current", [])),
+        profile_system=parse_store_path(s.get("profile", [])),
     )
 
 
