@@ -320,9 +320,9 @@ def secret(
             "Example: invoke secret set --host vps"
         )
         return
-    from rebuild import secrets
+    from rebuild import sudo_keyring
 
-    _guard(False, lambda: secrets.run(inventory, op, host, from_stdin=stdin))
+    _guard(False, lambda: sudo_keyring.run(inventory, op, host, from_stdin=stdin))
 
 
 @task(

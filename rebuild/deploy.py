@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from rebuild import audit, gitstate, hostops, identity, nixos, process
-from rebuild import secrets as sudo_secrets
+from rebuild import sudo_keyring as sudo_secrets
 from rebuild.console import Console, stdin_is_terminal
 from rebuild.errors import (
     BuildFailed,

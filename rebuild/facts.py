@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from shlex import quote
 
 from rebuild.inventory import VerifySpec
-from rebuild.remote import quote
 
 CURRENT_SYSTEM = "/run/current-system"
 SYSTEM_PROFILE = "/nix/var/nix/profiles/system"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
+from shlex import quote
 
 from rebuild.facts import CURRENT_SYSTEM, SYSTEM_PROFILE, parse_store_path, split_sections
-from rebuild.remote import quote
 
 LOCK_DIR = "/run/rebuild-lock"
 MARK = "@@rebuild-op@@"

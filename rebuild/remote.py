@@ -257,7 +257,7 @@ def sudo_problem(endpoint: Endpoint, stderr: str) -> str | None:
         )
     if any(marker in stderr for marker in SUDO_NEEDS_PASSWORD):
         if not endpoint.keyring_available:
-            from rebuild.secrets import no_backend_message
+            from rebuild.sudo_keyring import no_backend_message
 
             return f"sudo on {name} needs a password for {user}: " + no_backend_message(
                 name, user

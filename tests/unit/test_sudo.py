@@ -1,4 +1,4 @@
-"""Non-root deploys through sudo: the keyring (rebuild.secrets), the sudo command lines and
+"""Non-root deploys through sudo: the keyring (rebuild.sudo_keyring), the sudo command lines and
 what sudo's complaints mean (rebuild.remote), nixos-rebuild's flags, the deploy's wiring."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import keyring
 import pytest
 from keyring.backends import fail
 
-from rebuild import deploy, hostrun, process, secrets
+from rebuild import deploy, hostrun, process
+from rebuild import sudo_keyring as secrets
 from rebuild.audit import Record
 from rebuild.errors import ConfigError, Declined, GateRefused
 from rebuild.inventory import HostSettings, Target
