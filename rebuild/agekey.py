@@ -13,16 +13,28 @@ age *identity* derived from the private key.  Both conversions follow Mic92/ssh-
   identity (RFC 7748), so ``age-keygen -y`` and decryption work either way and the
   text is byte-for-byte what ``ssh-to-age -private-key`` prints.
 
-Pure functions, no IO, no dependencies beyond the standard library.
+Pure functions, no IO.  The OpenSSH key formats are read by ``cryptography``
+(``load_ssh_public_key``/``load_ssh_private_key``) and paramiko (``PublicBlob``); the
+Edwards-to-Montgomery map and bech32 (a few lines each) have no library API there.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
-import struct
 from collections.abc import Sequence
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
+from paramiko import PublicBlob
 
 __all__ = [
     "Bech32Error",
@@ -161,71 +173,21 @@ def age_recipient_bytes(recipient: str) -> bytes:
     return data
 
 
-# --------------------------------------------------------------------------- SSH wire
+# --------------------------------------------------------------------------- SSH keys
 
 
-class _Reader:
-    """Reads SSH wire-format fields (RFC 4251 section 5)."""
+def _key_line(pubkey: str) -> str:
+    """The one key line of ``pubkey`` as ``TYPE BASE64 [comment]``.
 
-    def __init__(self, data: bytes, what: str) -> None:
-        self._data = data
-        self._pos = 0
-        self._what = what
-
-    def uint32(self) -> int:
-        if self._pos + 4 > len(self._data):
-            raise KeyFormatError(f"{self._what} is truncated")
-        (value,) = struct.unpack_from(">I", self._data, self._pos)
-        self._pos += 4
-        return int(value)
-
-    def string(self) -> bytes:
-        length = self.uint32()
-        if self._pos + length > len(self._data):
-            raise KeyFormatError(f"{self._what} is truncated")
-        value = self._data[self._pos : self._pos + length]
-        self._pos += length
-        return value
-
-    def rest(self) -> bytes:
-        value = self._data[self._pos :]
-        self._pos = len(self._data)
-        return value
-
-    def at_end(self) -> bool:
-        return self._pos == len(self._data)
-
-
-def _ed25519_key_from_blob(blob: bytes, what: str) -> bytes:
-    reader = _Reader(blob, what)
-    keytype = reader.string()
-    if keytype != ED25519.encode():
-        raise KeyFormatError(
-            f"{what} is a {keytype.decode('ascii', 'replace')} key; only ssh-ed25519 keys can be "
-            "converted to age"
-        )
-    key = reader.string()
-    if len(key) != 32 or not reader.at_end():
-        raise KeyFormatError(f"{what} has a malformed ssh-ed25519 key blob")
-    return key
-
-
-def parse_public_key_line(pubkey: str) -> tuple[str, bytes]:
-    """Parse one OpenSSH public key line into ``(key type, wire blob)``.
-
-    Accepts the ``authorized_keys``/``.pub`` form ``TYPE BASE64 [comment]`` and the
-    ``known_hosts``/``ssh-keyscan`` form ``HOSTS TYPE BASE64 [comment]``.  Blank lines
-    and ``#`` comment lines are ignored; exactly one key line must remain.
+    Accepts the ``authorized_keys``/``.pub`` form and the ``known_hosts``/``ssh-keyscan``
+    form ``HOSTS TYPE BASE64 [comment]``.  Blank lines and ``#`` comment lines are ignored.
     """
-    lines = [
-        line.strip()
-        for line in pubkey.splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+    lines = [line.split() for line in pubkey.splitlines() if line.strip()]
+    lines = [fields for fields in lines if not fields[0].startswith("#")]
     if len(lines) != 1:
         what = "no public key line" if not lines else f"{len(lines)} public key lines"
         raise KeyFormatError(f"expected exactly one OpenSSH public key line, got {what}")
-    fields = lines[0].split()
+    fields = lines[0]
     # ssh-to-age: lines starting with "ssh-" are authorized_keys, others known_hosts.
     if len(fields) >= 2 and not fields[0].startswith("ssh-") and _looks_like_keytype(fields[1]):
         fields = fields[1:]
@@ -233,29 +195,43 @@ def parse_public_key_line(pubkey: str) -> tuple[str, bytes]:
         raise KeyFormatError(
             "not an OpenSSH public key line (expected 'ssh-ed25519 AAAA... [comment]')"
         )
-    keytype, b64 = fields[0], fields[1]
-    try:
-        blob = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise KeyFormatError(f"{keytype} public key has invalid base64 data") from None
-    embedded = _Reader(blob, f"{keytype} public key").string()
-    if embedded != keytype.encode():
-        raise KeyFormatError(
-            f"public key line says {keytype} but its data is a "
-            f"{embedded.decode('ascii', 'replace')} key"
-        )
-    return keytype, blob
+    return " ".join(fields)
 
 
 def _looks_like_keytype(field: str) -> bool:
     return field.startswith(("ssh-", "ecdsa-", "sk-"))
 
 
+def parse_public_key_line(pubkey: str) -> tuple[str, bytes]:
+    """Parse one OpenSSH public key line (see :func:`_key_line`) into ``(key type, wire blob)``.
+
+    Any key type: only the base64 data and the type it embeds are checked (paramiko's
+    ``PublicBlob``), which is all a fingerprint or a known_hosts comparison needs.
+    """
+    line = _key_line(pubkey)
+    try:
+        blob = PublicBlob.from_string(line)
+    except ValueError as exc:  # binascii.Error and UnicodeDecodeError included
+        raise KeyFormatError(f"not a valid OpenSSH public key ({exc})") from None
+    return str(blob.key_type), bytes(blob.key_blob)
+
+
+def fingerprint_sha256(pubkey: str) -> str:
+    """``SHA256:<base64, no padding>`` of the key blob, as ``ssh-keygen -lf`` prints."""
+    _, blob = parse_public_key_line(pubkey)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
 # --------------------------------------------------------------------------- conversions
 
 
 def _ed25519_to_montgomery(key: bytes) -> bytes:
-    """Map an encoded Ed25519 point to its X25519 u-coordinate (little-endian)."""
+    """Map an encoded Ed25519 point to its X25519 u-coordinate (little-endian).
+
+    cryptography has no public Edwards-to-Montgomery map and does not check that a raw
+    Ed25519 public key is a curve point, so both stay here (filippo.io/edwards25519's
+    ``SetBytes`` + ``BytesMontgomery``, as ssh-to-age uses).
+    """
     y = int.from_bytes(key, "little") & ((1 << 255) - 1)
     y %= _P  # non-canonical encodings are accepted, as filippo.io/edwards25519 does
     # Decompression check (RFC 8032 5.1.3): x^2 = (y^2 - 1) / (d y^2 + 1) must be a square.
@@ -273,78 +249,45 @@ def ssh_ed25519_to_age_recipient(pubkey: str) -> str:
     Identical to ``ssh-to-age < key.pub``.  Raises :class:`KeyFormatError` for other
     key types and malformed input.
     """
-    keytype, blob = parse_public_key_line(pubkey)
+    line = _key_line(pubkey)
+    keytype = line.split()[0]
     if keytype != ED25519:
         raise KeyFormatError(f"{keytype} keys cannot be converted to age; need an ssh-ed25519 key")
-    key = _ed25519_key_from_blob(blob, "public key")
-    return bech32_encode(AGE_RECIPIENT_HRP, _ed25519_to_montgomery(key))
-
-
-_PEM_BEGIN = "-----BEGIN OPENSSH PRIVATE KEY-----"
-_PEM_END = "-----END OPENSSH PRIVATE KEY-----"
-_MAGIC = b"openssh-key-v1\x00"
-
-
-def _openssh_private_ed25519_seed(private_key_pem: str) -> bytes:
-    text = private_key_pem.strip()
-    if not text.startswith(_PEM_BEGIN) or _PEM_END not in text:
-        if "BEGIN" in text and "PRIVATE KEY" in text:
-            raise KeyFormatError(
-                "private key is not in OpenSSH format (convert a copy with 'ssh-keygen -p -f FILE')"
-            )
-        raise KeyFormatError(f"not an OpenSSH private key (expected '{_PEM_BEGIN}')")
-    body = text[len(_PEM_BEGIN) : text.index(_PEM_END)]
     try:
-        data = base64.b64decode("".join(body.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise KeyFormatError("OpenSSH private key has invalid base64 data") from None
-    if not data.startswith(_MAGIC):
-        raise KeyFormatError("OpenSSH private key lacks the openssh-key-v1 header")
-    what = "OpenSSH private key"
-    reader = _Reader(data[len(_MAGIC) :], what)
-    cipher = reader.string()
-    reader.string()  # kdfname
-    reader.string()  # kdfoptions
-    if cipher != b"none":
-        raise KeyFormatError(
-            f"OpenSSH private key is passphrase-encrypted ({cipher.decode('ascii', 'replace')}); "
-            "remove the passphrase from a copy with 'ssh-keygen -p -N \"\" -f COPY'"
-        )
-    if reader.uint32() != 1:
-        raise KeyFormatError("OpenSSH private key file must hold exactly one key")
-    public = _ed25519_key_from_blob(reader.string(), what)
-    private = _Reader(reader.string(), what)
-    if not reader.at_end():
-        raise KeyFormatError(f"{what} has trailing data")
-    if private.uint32() != private.uint32():
-        raise KeyFormatError(f"{what} is corrupt (check bytes differ)")
-    keytype = private.string()
-    if keytype != ED25519.encode():
-        raise KeyFormatError(f"{what} holds a {keytype.decode('ascii', 'replace')} key")
-    pub_again = private.string()
-    secret = private.string()
-    private.string()  # comment
-    padding = private.rest()
-    if padding != bytes(range(1, len(padding) + 1)):
-        raise KeyFormatError(f"{what} is corrupt (bad padding)")
-    if len(secret) != 64 or pub_again != public or secret[32:] != public:
-        raise KeyFormatError(f"{what} has inconsistent ssh-ed25519 key material")
-    return secret[:32]
+        key = load_ssh_public_key(line.encode())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyFormatError(f"malformed ssh-ed25519 public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):  # pragma: no cover - the type was checked above
+        raise KeyFormatError(f"{keytype} public key data is not an Ed25519 key")
+    raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return bech32_encode(AGE_RECIPIENT_HRP, _ed25519_to_montgomery(raw))
 
 
 def ssh_ed25519_private_to_age_identity(private_key_pem: str) -> str:
     """Convert an unencrypted OpenSSH Ed25519 private key to its ``AGE-SECRET-KEY-1...``.
 
-    Identical to ``ssh-to-age -private-key < key``.  Raises :class:`KeyFormatError`
-    for encrypted keys, other key types and malformed input.
+    Identical to ``ssh-to-age -private-key < key``: ``sha512(seed)[:32]``, unclamped.
+    Raises :class:`KeyFormatError` for encrypted keys, other key types and malformed input.
     """
-    seed = _openssh_private_ed25519_seed(private_key_pem)
-    scalar = hashlib.sha512(seed).digest()[:32]
-    return bech32_encode(AGE_IDENTITY_HRP, scalar).upper()
-
-
-def fingerprint_sha256(pubkey: str) -> str:
-    """``SHA256:<base64, no padding>`` of the key blob, as ``ssh-keygen -lf`` prints."""
-    _, blob = parse_public_key_line(pubkey)
-    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii")
-    return "SHA256:" + digest.rstrip("=")
+    try:
+        key = load_ssh_private_key(private_key_pem.encode(), password=None)
+    except TypeError:  # cryptography: "Key is password-protected, but password was not provided."
+        raise KeyFormatError(
+            "OpenSSH private key is passphrase-encrypted; remove the passphrase from a copy "
+            "with 'ssh-keygen -p -N \"\" -f COPY'"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        hint = (
+            ""
+            if "OPENSSH PRIVATE KEY" in private_key_pem
+            else " (convert a copy with 'ssh-keygen -p -f COPY')"
+        )
+        raise KeyFormatError(f"not a usable OpenSSH private key: {exc}{hint}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        public = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+        raise KeyFormatError(
+            f"OpenSSH private key holds a {public.split()[0].decode()} key; only ssh-ed25519 "
+            "keys can be converted to age"
+        )
+    seed = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return bech32_encode(AGE_IDENTITY_HRP, hashlib.sha512(seed).digest()[:32]).upper()
