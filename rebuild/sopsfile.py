@@ -1,22 +1,27 @@
 """Edit a sops ``.sops.yaml`` to enroll a host's age recipient (text in, text out).
 
 :func:`enroll` adds the host's key to ``keys:`` under the anchor ``&host_<name>`` and an
-alias to it in the creation rule for the host's secrets.  Running it again with the same
-inputs changes nothing.  No IO: the caller reads and writes the file and runs ``sops
-updatekeys`` (:func:`sops_updatekeys_argv`) on the secrets the returned rules cover
-(:func:`files_matching`, :func:`governing_rules`).
+alias to it in the creation rule for the host's secrets; running it again changes nothing.
+No IO: the caller reads and writes the file and runs ``sops updatekeys``
+(:func:`sops_updatekeys_argv`) on the secrets the rules cover (:func:`governing_rules`).
 
 How the file is edited
-    The file is parsed with ruamel.yaml (round-trip loader, so malformed YAML,
-    duplicate keys and undefined aliases are rejected), and the parser's event stream
-    gives the exact source position of every node, including each ``*alias``.  The
-    edits are then spliced into the original text: new lines are inserted after the
-    last item of a list, with that item's own indentation, and changed scalars are
-    replaced in place.  Every other byte -- comments, blank lines, quoting, flow or
-    block style, comments on aliases, line endings -- is kept as it was, which a
-    ruamel.yaml dump cannot guarantee (it drops comments on aliases and moves comment
-    blocks that trail a list above an appended item).  The result is parsed again and
-    checked before it is returned.
+    ruamel.yaml parses the file (the round-trip loader rejects malformed YAML, duplicate
+    keys and undefined aliases) and its event stream gives the source span of every node,
+    each ``*alias`` included.  The edits are spliced into the original text: a new list
+    item goes on the line after the last item, with that item's own dash prefix; a changed
+    scalar is replaced in place.  Every other byte (comments, blank lines, quoting, line
+    endings, comments on aliases) stays, which a round-trip dump cannot promise (it drops
+    comments on aliases and moves a comment block that trails a list above an appended
+    item).  The result is parsed and checked again before it is returned.
+
+Shapes
+    The shapes the sops documentation shows are edited: block lists and mappings, flow
+    lists (``[a, b]``), ``key_groups`` with an ``age`` list, a flat ``age`` string or
+    list, missing or empty ``keys``/``creation_rules``.  Where the host would have to go
+    into a flow mapping (``{...}``), a flow ``creation_rules`` list, or an empty
+    ``key_groups``/``age`` of a rule, :func:`enroll` refuses with one line that says what
+    to add by hand.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ from ruamel.yaml.events import (
     AliasEvent,
     CollectionEndEvent,
     DocumentStartEvent,
-    MappingStartEvent,
     ScalarEvent,
     SequenceStartEvent,
     StreamEndEvent,
@@ -58,6 +62,11 @@ _FLAT_KEY_FIELDS = ("pgp", "kms", "gcp_kms", "azure_keyvault", "hc_vault_transit
 
 class SopsFileError(ValueError):
     """``.sops.yaml`` cannot be edited safely; the message names the problem and the fix."""
+
+
+class _Unsupported(Exception):
+    """A valid shape that :func:`enroll` does not edit; it becomes a :class:`SopsFileError`
+    that names what to add by hand."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +122,7 @@ def governing_rules(text: str, paths: list[str]) -> dict[str, str | None]:
     is not in :attr:`EnrollResult.rules` does not gain the host even if another rule's
     regex matches it.
     """
-    doc = _Doc.parse(text)
-    patterns = [(regex, _compile(regex)) for regex in (_rule_regex(r) for r in doc.rules())]
+    patterns = [(regex, _compile(regex)) for regex in map(_rule_regex, _Doc.parse(text).rules())]
     return {
         path: next((regex for regex, pattern in patterns if pattern.search(path)), None)
         for path in paths
@@ -140,72 +148,60 @@ class _Node:
     target: _Node | None = None  # for "alias": the anchored node
 
     def resolved(self) -> _Node:
-        return self.target if self.kind == "alias" and self.target is not None else self
+        return self.target or self
+
+    def pair(self, key: str) -> tuple[_Node, _Node] | None:
+        """``(key node, resolved value node)`` of ``key`` in a mapping."""
+        for key_node, value in self.pairs:
+            if key_node.kind == "scalar" and key_node.value == key:
+                return key_node, value.resolved()
+        return None
 
     def get(self, key: str) -> _Node | None:
         pair = self.pair(key)
-        return pair[1].resolved() if pair else None
-
-    def pair(self, key: str) -> tuple[_Node, _Node] | None:
-        for key_node, value_node in self.pairs:
-            if key_node.kind == "scalar" and key_node.value == key:
-                return key_node, value_node
-        return None
-
-    def has(self, key: str) -> bool:
-        return self.pair(key) is not None
+        return pair[1] if pair else None
 
     @property
     def is_null(self) -> bool:
-        return (
-            self.kind == "scalar"
-            and self.style is None
-            and self.value in ("", "~", "null", "Null", "NULL")
-        )
+        nulls = ("", "~", "null", "Null", "NULL")
+        return self.kind == "scalar" and self.style is None and self.value in nulls
 
 
-def _kind(node: _Node | None) -> str:
-    if node is None or node.is_null:
+def _kind(node: _Node) -> str:
+    if node.is_null:
         return "null"
     return {"map": "mapping", "seq": "list", "scalar": "string"}.get(node.kind, node.kind)
 
 
-class _TreeBuilder:
-    """Builds :class:`_Node` trees from ruamel.yaml parser events."""
+def _tree(events: Iterator[Any]) -> _Node | None:
+    """The document's root :class:`_Node`, built from ruamel.yaml parser events."""
+    anchors: dict[str, _Node] = {}
 
-    def __init__(self, events: Iterator[Any]) -> None:
-        self._events = events
-        self._anchors: dict[str, _Node] = {}
-
-    def document(self) -> _Node | None:
-        for event in self._events:
-            if isinstance(event, DocumentStartEvent):
-                return self._node(next(self._events))
-            if isinstance(event, StreamEndEvent):
-                break
-        return None
-
-    def _node(self, event: Any) -> _Node:
+    def node(event: Any) -> _Node:
         start, end = event.start_mark.index, event.end_mark.index
         if isinstance(event, AliasEvent):
-            return _Node("alias", start, end, event.anchor, target=self._anchors.get(event.anchor))
+            return _Node("alias", start, end, event.anchor, target=anchors.get(event.anchor))
         if isinstance(event, ScalarEvent):
-            node = _Node("scalar", start, end, event.anchor, event.value, event.style)
-        elif isinstance(event, SequenceStartEvent | MappingStartEvent):
+            new = _Node("scalar", start, end, event.anchor, event.value, event.style)
+        else:
             kind = "seq" if isinstance(event, SequenceStartEvent) else "map"
-            node = _Node(kind, start, end, event.anchor, flow=bool(event.flow_style))
-            while not isinstance(child := next(self._events), CollectionEndEvent):
+            new = _Node(kind, start, end, event.anchor, flow=bool(event.flow_style))
+            while not isinstance(child := next(events), CollectionEndEvent):
                 if kind == "seq":
-                    node.items.append(self._node(child))
+                    new.items.append(node(child))
                 else:
-                    key = self._node(child)
-                    node.pairs.append((key, self._node(next(self._events))))
-            node.end = child.end_mark.index
-        else:  # pragma: no cover - the parser emits nothing else inside a document
-            raise SopsFileError(f"unexpected YAML event {type(event).__name__}")
-        if node.anchor:
-            self._anchors[node.anchor] = node
-        return node
+                    new.pairs.append((node(child), node(next(events))))
+            new.end = child.end_mark.index
+        if new.anchor:
+            anchors[new.anchor] = new
+        return new
+
+    for event in events:
+        if isinstance(event, DocumentStartEvent):
+            return node(next(events))
+        if isinstance(event, StreamEndEvent):
+            break
+    return None
 
 
 def _yaml_error(exc: YAMLError) -> SopsFileError:
@@ -229,40 +225,29 @@ class _Layout:
         return " " * (key_col + self.offset) + "-" + " " * (self.sequence - self.offset - 1)
 
 
-def _guess_layout(text: str) -> _Layout:
-    """Indentation of the first block list under a key (sops' documented style if none)."""
-    key_indent: int | None = None
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        indent = len(line) - len(line.lstrip(" "))
-        if stripped.startswith("- ") and key_indent is not None:
-            rest = stripped[2:].lstrip(" ")
-            offset, sequence = indent - key_indent, len(line) - len(rest) - key_indent
-            if rest and offset >= 0 and sequence >= offset + 2:
-                return _Layout(offset, sequence)
-            return _Layout()
-        key_indent = indent if stripped.endswith(":") else None
-    return _Layout()
-
-
 class _Doc:
-    """Parsed ``.sops.yaml`` text plus the helpers that find and edit its parts."""
+    """Parsed ``.sops.yaml`` text, its queries, and the edits queued on it."""
 
     def __init__(self, text: str, root: _Node | None) -> None:
         self.newline = "\r\n" if "\r\n" in text else "\n"
         # Edits insert whole lines; give the last line its line break first.
         self.text = text if not text or text.endswith("\n") else text + self.newline
         self.root = root
-        self.layout = _guess_layout(text)
         self.edits: list[tuple[int, int, str]] = []
+        self.layout = _Layout()  # sops' documented style, unless the file has block lists:
+        for key, value in root.pairs if root is not None else []:
+            first = value.items[0] if value.kind == "seq" and value.items else None
+            dash = -1 if first is None else self.text.rfind("-", 0, first.start)
+            if first is not None and not value.flow and dash >= self.line_start(first.start):
+                col = self.column(key.start)
+                self.layout = _Layout(self.column(dash) - col, self.column(first.start) - col)
+                break
 
     @classmethod
     def parse(cls, text: str) -> _Doc:
         try:
             YAML(typ="rt").load(text)  # rejects duplicate keys, undefined aliases, ...
-            root = _TreeBuilder(iter(YAML(typ="safe", pure=True).parse(text))).document()
+            root = _tree(iter(YAML(typ="safe", pure=True).parse(text)))
         except YAMLError as exc:
             raise _yaml_error(exc) from None
         if root is not None and root.is_null:
@@ -274,44 +259,28 @@ class _Doc:
             )
         return cls(text, root)
 
-    # ---------------------------------------------------------------- queries
-
-    def keys(self) -> _Node | None:
-        if self.root is None:
-            return None
-        keys = self.root.get("keys")
-        if keys is not None and not keys.is_null and keys.kind != "seq":
+    def top_list(self, key: str, of: str) -> _Node | None:
+        """The top-level ``key`` (``keys`` or ``creation_rules``): a list, null or None."""
+        node = self.root.get(key) if self.root is not None else None
+        if node is not None and not node.is_null and node.kind != "seq":
             raise SopsFileError(
-                f"'keys' in .sops.yaml is a {_kind(keys)}, expected a list of "
-                "'- &anchor age1...' entries; restructure it as a list"
+                f"'{key}' in .sops.yaml is a {_kind(node)}, expected a list of {of}; "
+                "restructure it as a list"
             )
-        return keys
-
-    def rules_node(self) -> _Node | None:
-        if self.root is None:
-            return None
-        rules = self.root.get("creation_rules")
-        if rules is not None and not rules.is_null and rules.kind != "seq":
-            raise SopsFileError(
-                f"'creation_rules' in .sops.yaml is a {_kind(rules)}, expected a list of "
-                "rules; restructure it as a list"
-            )
-        return rules
+        return node
 
     def rules(self) -> list[_Node]:
-        rules = self.rules_node()
-        out: list[_Node] = []
-        for index, item in enumerate(rules.items if rules is not None else []):
-            rule = item.resolved()
+        rules = self.top_list("creation_rules", "rules")
+        out = [item.resolved() for item in (rules.items if rules is not None else [])]
+        for index, rule in enumerate(out):
             if rule.kind != "map":
                 raise SopsFileError(
                     f"creation_rules[{index}] is a {_kind(rule)}, expected a mapping with "
                     "path_regex and keys; fix that entry"
                 )
-            out.append(rule)
         return out
 
-    # ---------------------------------------------------------------- text helpers
+    # ---------------------------------------------------------------- text positions
 
     def line_start(self, index: int) -> int:
         return self.text.rfind("\n", 0, index) + 1
@@ -321,22 +290,24 @@ class _Doc:
         newline = self.text.find("\n", index)
         return len(self.text) if newline < 0 else newline + 1
 
+    def column(self, index: int) -> int:
+        return index - self.line_start(index)
+
     def content_end(self, node: _Node) -> int:
-        """Offset just past the last character of ``node``'s own text."""
+        """Offset just past the last character of ``node``'s own text (a block
+        collection's end mark lies at the next token, after trailing comments)."""
         if node.kind in ("scalar", "alias") or node.flow:
             return node.end
         if node.kind == "seq" and node.items:
             return self.content_end(node.items[-1])
         if node.kind == "map" and node.pairs:
             key, value = node.pairs[-1]
-            if value.kind == "scalar" and value.start == value.end:
-                # An empty value is "positioned" at the next token, possibly lines below.
-                return self.content_end(key)
-            return self.content_end(value)
+            # An empty value is "positioned" at the next token, possibly lines below.
+            empty = value.kind == "scalar" and value.start == value.end
+            return self.content_end(key if empty else value)
         return node.end
 
-    def column(self, index: int) -> int:
-        return index - self.line_start(index)
+    # ---------------------------------------------------------------- edits
 
     def edit(self, start: int, end: int, replacement: str) -> None:
         self.edits.append((start, end, replacement))
@@ -353,55 +324,37 @@ class _Doc:
             text = text[:start] + replacement + text[end:]
         return text
 
-    # ---------------------------------------------------------------- edits
-
-    def append_item(self, seq: _Node, lines: list[str], flow_text: str) -> None:
-        """Append an item to a list: ``lines`` (first line without its dash prefix, the
-        rest indented relative to the item's column) for block lists, ``flow_text`` for
-        ``[...]`` lists."""
+    def append_item(self, seq: _Node, lines: list[str]) -> None:
+        """Append an item to a list: ``lines`` (the first without its dash, the rest
+        relative to the item's column); a flow list takes one-line items only."""
         if seq.flow:
-            if seq.items:
-                self.edit(seq.items[-1].end, seq.items[-1].end, ", " + flow_text)
-            else:
-                close = self.text.rfind("]", seq.start, seq.end)
-                self.edit(close, close, flow_text)
+            at = seq.items[-1].end if seq.items else self.text.rfind("]", seq.start, seq.end)
+            self.edit(at, at, (", " if seq.items else "") + lines[0])
             return
         last = seq.items[-1]
         line_start = self.line_start(last.start)
         prefix = self.text[line_start : last.start]
         if prefix.strip() != "-":
-            dash = self.text.rfind("-", line_start, last.start)
-            prefix = " " * self.column(dash) + "- "
-        indent = " " * len(prefix)
-        body = [prefix + lines[0]] + [indent + line for line in lines[1:]]
+            prefix = " " * self.column(self.text.rfind("-", line_start, last.start)) + "- "
+        body = [prefix + lines[0]] + [" " * len(prefix) + line for line in lines[1:]]
         self.insert_lines(self.line_after(self.content_end(last) - 1), body)
 
-    def set_empty_value(self, key: _Node, value: _Node, lines: list[str], inline: str) -> None:
-        """Give a key whose value is null a block value (``lines``, indented relative to
-        the key's column) or, with no ``lines`` or inside a flow mapping, ``inline``."""
-        explicit = value.end > value.start  # ``~`` or ``null`` written out
-        if lines and not self._in_flow(key):
-            if explicit:
-                self.edit(value.start, value.end, "")
-            key_col = self.column(key.start)
-            colon = self.text.find(":", key.end)
-            self.insert_lines(self.line_after(colon), [" " * key_col + ln for ln in lines])
-        elif explicit:
-            self.edit(value.start, value.end, inline)
-        else:
-            colon = self.text.find(":", key.end)
-            self.edit(colon + 1, colon + 1, " " + inline)
+    def fill(self, key: _Node, value: _Node, lines: list[str]) -> None:
+        """Give a block key whose value is null or ``[]`` the block ``lines`` (relative to
+        the key's column)."""
+        colon = self.text.find(":", key.end)
+        if value.end > value.start:  # ``~``, ``null`` or ``[]`` written out
+            self.edit(colon + 1, value.end, "")
+        self.insert_lines(
+            self.line_after(colon), [" " * self.column(key.start) + ln for ln in lines]
+        )
 
-    def add_key(self, mapping: _Node, key: str, lines: list[str], inline: str) -> None:
-        """Add ``key`` to a mapping: block ``key: ...`` lines (relative to the mapping's
-        key column) or ``key: inline`` in a flow mapping."""
+    def add_key(self, mapping: _Node, lines: list[str], where: str) -> None:
+        """Add ``key: ...`` block ``lines`` (relative to the keys' column) to a mapping."""
         if mapping.flow:
-            close = self.text.rfind("}", mapping.start, mapping.end)
-            sep = ", " if mapping.pairs else ""
-            self.edit(close, close, f"{sep}{key}: {inline}")
-            return
+            raise _Unsupported(f"{where} is a flow mapping ({{...}})")
         key_col = self.column(mapping.pairs[0][0].start)
-        body = [" " * key_col + lines[0]] + [" " * key_col + line for line in lines[1:]]
+        body = [" " * key_col + line for line in lines]
         self.insert_lines(self.line_after(self.content_end(mapping) - 1), body)
 
     def replace_scalar(self, node: _Node, value: str) -> None:
@@ -410,30 +363,12 @@ class _Doc:
         quote = node.style if node.style in ("'", '"') else ""
         old = f"{quote}{node.value}{quote}"
         if node.style in (None, "'", '"') and "\n" not in span and span.endswith(old):
-            start = node.end - len(old)
-            self.edit(start, node.end, f"{quote}{value}{quote}")
+            self.edit(node.end - len(old), node.end, f"{quote}{value}{quote}")
             return
         # Multi-line or block scalar: rewrite it as one plain line.
         anchor = f"&{node.anchor} " if node.anchor else ""
         trailing = self.newline if node.style in ("|", ">") else ""
         self.edit(node.start, node.end, anchor + _plain_or_quoted(value) + trailing)
-
-    def _in_flow(self, key: _Node) -> bool:
-        def find(node: _Node, inside_flow: bool) -> bool | None:
-            if node is key:
-                return inside_flow
-            children: list[_Node] = list(node.items)
-            for pair in node.pairs:
-                children.extend(pair)
-            for child in children:
-                if child.kind == "alias":
-                    continue
-                found = find(child, inside_flow or node.flow)
-                if found is not None:
-                    return found
-            return None
-
-        return bool(self.root and find(self.root, False))
 
 
 def _plain_or_quoted(value: str) -> str:
@@ -443,6 +378,18 @@ def _plain_or_quoted(value: str) -> str:
     stream = io.StringIO()
     yaml.dump({"k": value}, stream)
     return stream.getvalue()[len("k: ") :].rstrip("\n")
+
+
+def _walk(node: _Node, path: str = "") -> Iterator[tuple[str, _Node]]:
+    """Every node below ``node`` (aliases not followed), with its path for messages."""
+    yield path, node
+    for index, item in enumerate(node.items):
+        if item.kind != "alias":
+            yield from _walk(item, f"{path}[{index}]")
+    for key, value in node.pairs:
+        if value.kind != "alias":
+            label = key.value if key.kind == "scalar" else "?"
+            yield from _walk(value, f"{path}.{label}" if path else label)
 
 
 # --------------------------------------------------------------------------- rule logic
@@ -462,160 +409,114 @@ def _split_flat(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _scalar_values(seq: _Node) -> list[str]:
-    return [item.resolved().value for item in seq.items if item.resolved().kind == "scalar"]
-
-
 def _rule_recipients(rule: _Node) -> list[str]:
-    out: list[str] = []
+    lists: list[_Node | None] = [rule.get("age")]
     groups = rule.get("key_groups")
     if groups is not None and groups.kind == "seq":
-        for group in (g.resolved() for g in groups.items):
-            age = group.get("age") if group.kind == "map" else None
-            if age is not None and age.kind == "seq":
-                out.extend(_scalar_values(age))
-    flat = rule.get("age")
-    if flat is not None and flat.kind == "scalar":
-        out.extend(_split_flat(flat.value))
-    elif flat is not None and flat.kind == "seq":
-        out.extend(_scalar_values(flat))
+        lists += [g.resolved().get("age") for g in groups.items if g.resolved().kind == "map"]
+    out: list[str] = []
+    for node in lists:
+        if node is not None and node.kind == "seq":
+            out += [i.resolved().value for i in node.items if i.resolved().kind == "scalar"]
+        elif node is not None and node.kind == "scalar":
+            out += _split_flat(node.value)
     return out
-
-
-def _age_block(layout: _Layout, items: list[str]) -> list[str]:
-    """``age:`` with a block list, relative to the key's column."""
-    return ["age:"] + [layout.item_prefix(0) + item for item in items]
 
 
 def _key_groups_block(layout: _Layout, items: list[str]) -> list[str]:
     """``key_groups: [{age: items}]`` in block style, relative to the key's column."""
     group_col = layout.sequence  # column of ``age:`` inside the group item
     lines = ["key_groups:", layout.item_prefix(0) + "age:"]
-    lines += [layout.item_prefix(group_col) + item for item in items]
-    return lines
-
-
-def _flow_key_groups(items: list[str]) -> str:
-    return "[{age: [" + ", ".join(items) + "]}]"
+    return lines + [layout.item_prefix(group_col) + item for item in items]
 
 
 def _add_to_rule(doc: _Doc, rule: _Node, alias: str, recipient: str) -> None:
     """Add the host to an existing rule that does not include it yet."""
     name = _rule_name(rule)
-    layout = doc.layout
-    groups_pair = rule.pair("key_groups")
-    if groups_pair is not None:
-        groups_key, groups = groups_pair[0], groups_pair[1].resolved()
-        if groups.is_null:
-            doc.set_empty_value(
-                groups_key,
-                groups,
-                _key_groups_block(layout, [alias])[1:],
-                _flow_key_groups([alias]),
-            )
-            return
-        if groups.kind != "seq":
+    groups = rule.get("key_groups")
+    if groups is not None:
+        if groups.kind != "seq" and not groups.is_null:
             raise SopsFileError(
                 f"key_groups of {name} is a {_kind(groups)}, expected a list; fix that rule"
             )
-        if not groups.items:
-            doc.append_item(groups, [], "{age: [" + alias + "]}")
-            return
+        if groups.is_null or not groups.items:
+            raise _Unsupported(f"key_groups of {name} is empty")
         group = groups.items[0].resolved()
         if group.kind != "map":
             raise SopsFileError(
                 f"key_groups[0] of {name} is a {_kind(group)}, expected a mapping like "
                 "'age: [...]'; fix that rule"
             )
-        age_pair = group.pair("age")
-        if age_pair is None:
-            if not group.pairs:
-                close = doc.text.rfind("}", group.start, group.end)
-                doc.edit(close, close, f"age: [{alias}]")
-            else:
-                doc.add_key(group, "age", _age_block(layout, [alias]), f"[{alias}]")
-            return
-        age_key, age = age_pair[0], age_pair[1].resolved()
-        if age.is_null:
-            doc.set_empty_value(age_key, age, _age_block(layout, [alias])[1:], f"[{alias}]")
+        age = group.get("age")
+        if age is None:
+            block = ["age:", doc.layout.item_prefix(0) + alias]
+            doc.add_key(group, block, f"key_groups[0] of {name}")
         elif age.kind == "seq":
-            doc.append_item(age, [alias], alias)
+            doc.append_item(age, [alias])
+        elif age.is_null:
+            raise _Unsupported(f"key_groups[0].age of {name} is empty")
         else:
             raise SopsFileError(
                 f"key_groups[0].age of {name} is a {_kind(age)}, expected a list of "
                 "recipients; fix that rule"
             )
         return
-    flat_pair = rule.pair("age")
-    if flat_pair is not None:
-        flat_key, flat = flat_pair[0], flat_pair[1].resolved()
-        if flat.is_null or (flat.kind == "scalar" and not flat.value.strip()):
-            if flat.is_null:
-                doc.set_empty_value(flat_key, flat, [], recipient)
-            else:
-                doc.replace_scalar(flat, recipient)
-        elif flat.kind == "scalar":
-            separator = ", " if ", " in flat.value else ","
-            doc.replace_scalar(flat, flat.value.rstrip().rstrip(",") + separator + recipient)
-        elif flat.kind == "seq":
-            doc.append_item(flat, [alias], alias)
-        else:
-            raise SopsFileError(
-                f"age of {name} is a {_kind(flat)}, expected a comma-separated string or a "
-                "list; fix that rule"
-            )
-        return
-    if any(rule.has(key) for key in _FLAT_KEY_FIELDS):
-        doc.add_key(rule, "age", [f"age: {recipient}"], recipient)  # joins the flat group
-        return
-    if not rule.pairs:  # ``{}``
-        close = doc.text.rfind("}", rule.start, rule.end)
-        doc.edit(close, close, f"key_groups: {_flow_key_groups([alias])}")
-        return
-    doc.add_key(rule, "key_groups", _key_groups_block(layout, [alias]), _flow_key_groups([alias]))
-
-
-def _new_rule(
-    doc: _Doc,
-    root: _Node,
-    rules_key: _Node | None,
-    rules: _Node | None,
-    items: list[str],
-    path_regex: str,
-) -> None:
-    layout = doc.layout
-    regex = _plain_or_quoted(path_regex)
-    block = [f"path_regex: {regex}"]
-    block += _key_groups_block(layout, items)
-    flow = "{path_regex: " + regex + ", key_groups: " + _flow_key_groups(items) + "}"
-    if rules is not None and not rules.is_null:  # a flow list or a block list with items
-        doc.append_item(rules, block, flow)
-        return
-    prefix = layout.item_prefix(0)
-    indent = " " * len(prefix)
-    lines = [prefix + block[0]] + [indent + line for line in block[1:]]
-    if rules_key is not None and rules is not None:
-        doc.set_empty_value(rules_key, rules, lines, "[" + flow + "]")
-        return
-    if root.flow or not root.pairs:
-        doc.add_key(root, "creation_rules", [], "[" + flow + "]")
+    flat = rule.get("age")
+    if flat is None:
+        flat_group = any(rule.pair(key) for key in _FLAT_KEY_FIELDS)  # ``age`` joins it
+        lines = [f"age: {recipient}"] if flat_group else _key_groups_block(doc.layout, [alias])
+        doc.add_key(rule, lines, name)
+    elif flat.kind == "seq":
+        doc.append_item(flat, [alias])
+    elif flat.kind == "scalar" and _split_flat(flat.value) and not flat.is_null:
+        separator = ", " if ", " in flat.value else ","
+        doc.replace_scalar(flat, flat.value.rstrip().rstrip(",") + separator + recipient)
+    elif flat.kind == "scalar":
+        raise _Unsupported(f"age of {name} is empty")
     else:
-        key_col = doc.column(root.pairs[0][0].start)
-        doc.insert_lines(
-            doc.line_after(doc.content_end(root) - 1),
-            [" " * key_col + "creation_rules:"] + [" " * key_col + line for line in lines],
+        raise SopsFileError(
+            f"age of {name} is a {_kind(flat)}, expected a comma-separated string or a list; "
+            "fix that rule"
         )
 
 
-def _new_document(anchor: str, recipient: str, path_regex: str, newline: str) -> str:
-    layout = _Layout()
+def _add_rule(doc: _Doc, root: _Node, items: list[str], path_regex: str) -> None:
+    """Append a creation rule for ``path_regex`` with the recipients ``items``."""
+    layout = doc.layout
+    block = [f"path_regex: {_plain_or_quoted(path_regex)}", *_key_groups_block(layout, items)]
     prefix = layout.item_prefix(0)
-    indent = " " * len(prefix)
-    rule = [f"path_regex: {_plain_or_quoted(path_regex)}"]
-    rule += _key_groups_block(layout, [f"*{anchor}"])
-    lines = ["keys:", f"{prefix}&{anchor} {recipient}", "creation_rules:"]
-    lines += [prefix + rule[0]] + [indent + line for line in rule[1:]]
-    return "".join(line + newline for line in lines)
+    lines = [prefix + block[0]] + [" " * len(prefix) + line for line in block[1:]]
+    pair = root.pair("creation_rules")
+    rules = pair[1] if pair else None
+    if rules is not None and not rules.is_null and not rules.flow:
+        doc.append_item(rules, block)
+    elif root.flow or (rules is not None and rules.flow and rules.items):
+        raise _Unsupported("creation_rules is in flow style ([...])")
+    elif pair is not None:
+        doc.fill(pair[0], pair[1], lines)
+    else:
+        key_col = doc.column(root.pairs[0][0].start)
+        body = ["creation_rules:", *lines]
+        doc.insert_lines(
+            doc.line_after(doc.content_end(root) - 1), [" " * key_col + line for line in body]
+        )
+
+
+def _add_key_entry(doc: _Doc, root: _Node, entry: str) -> None:
+    """Add ``- &anchor recipient`` to ``keys:`` (created at the top when missing)."""
+    pair = root.pair("keys")
+    keys = pair[1] if pair else None
+    if keys is not None and not keys.is_null:
+        doc.append_item(keys, [entry])
+    elif root.flow:
+        raise _Unsupported("the top level is a flow mapping ({...})")
+    elif pair is not None:
+        doc.fill(pair[0], pair[1], [doc.layout.item_prefix(0) + entry])
+    else:
+        first_key = root.pairs[0][0]
+        indent = " " * doc.column(first_key.start)
+        lines = [indent + "keys:", indent + doc.layout.item_prefix(0) + entry]
+        doc.insert_lines(doc.line_start(first_key.start), lines)
 
 
 # --------------------------------------------------------------------------- enroll
@@ -633,7 +534,8 @@ def enroll(text: str, host: str, recipient: str, path_regex: str) -> EnrollResul
       appended to a flat ``age: age1a,age1b`` string); with no such rule one is appended
       with the host and every admin key (anchors not starting with ``host_``).
 
-    Raises :class:`SopsFileError` on malformed input or ambiguous key entries.
+    Raises :class:`SopsFileError` on malformed input, ambiguous key entries, and shapes
+    it does not edit (the message says what to add by hand).
     """
     anchor = anchor_for_host(host)
     try:
@@ -652,29 +554,37 @@ def enroll(text: str, host: str, recipient: str, path_regex: str) -> EnrollResul
         body = _new_document(anchor, recipient, path_regex, doc.newline)
         new_text = header + doc.newline + body if header.strip() else body
         return EnrollResult(new_text, True, None, (path_regex,))
-
-    previous = _plan(doc, doc.root, anchor, recipient, path_regex)
-    if not doc.edits:
-        covered = _covered(doc, recipient)
-        return EnrollResult(text, False, None, covered)
-    new_text = doc.result()
     try:
-        check = _Doc.parse(new_text)
-    except SopsFileError as exc:  # pragma: no cover - guards against a bug in the editing code
+        previous = _plan(doc, doc.root, anchor, recipient, path_regex)
+    except _Unsupported as exc:
         raise SopsFileError(
-            f"could not edit .sops.yaml safely (the edit would break it: {exc}); add the key by "
-            "hand and report this"
+            f"{exc}, a shape enroll does not edit; add the host by hand: '- &{anchor} "
+            f"{recipient}' under keys: and '*{anchor}' in the age keys of the creation rule "
+            f"for {path_regex!r} (add that rule if missing), then rerun"
         ) from None
-    if (
-        check.root is None
-        or _plan(check, check.root, anchor, recipient, path_regex) is not None
-        or check.edits
-    ):
-        raise SopsFileError(  # pragma: no cover - guards against a bug in the editing code
-            "could not edit .sops.yaml safely (the edited file does not include the host); "
-            "add the key by hand and report this"
-        )
+    if not doc.edits:
+        return EnrollResult(text, False, None, _covered(doc, recipient))
+    new_text = doc.result()
+    try:  # the edited text must parse and need no further edit
+        check = _Doc.parse(new_text)
+        if check.root is None or _plan(check, check.root, anchor, recipient, path_regex):
+            raise SopsFileError("the host's key was replaced again")
+        if check.edits:
+            raise SopsFileError("the edited file does not include the host")
+    except (SopsFileError, _Unsupported) as exc:  # pragma: no cover - a bug in the editing code
+        raise SopsFileError(
+            f"could not edit .sops.yaml safely ({exc}); add the key by hand and report this"
+        ) from None
     return EnrollResult(new_text, True, previous, _covered(check, recipient))
+
+
+def _new_document(anchor: str, recipient: str, path_regex: str, newline: str) -> str:
+    prefix = _Layout().item_prefix(0)
+    rule = [f"path_regex: {_plain_or_quoted(path_regex)}"]
+    rule += _key_groups_block(_Layout(), [f"*{anchor}"])
+    lines = ["keys:", f"{prefix}&{anchor} {recipient}", "creation_rules:"]
+    lines += [prefix + rule[0]] + [" " * len(prefix) + line for line in rule[1:]]
+    return "".join(line + newline for line in lines)
 
 
 def _covered(doc: _Doc, recipient: str) -> tuple[str, ...]:
@@ -683,8 +593,7 @@ def _covered(doc: _Doc, recipient: str) -> tuple[str, ...]:
 
 def _plan(doc: _Doc, root: _Node, anchor: str, recipient: str, path_regex: str) -> str | None:
     """Queue the edits on ``doc``; return the previous recipient if it is replaced."""
-    keys = doc.keys()
-    entry = f"&{anchor} {recipient}"
+    keys = doc.top_list("keys", "'- &anchor age1...' entries")
     # An alias must come after its anchor; if ``keys:`` follows ``creation_rules:``,
     # rules get the recipients written out instead.
     keys_pair, rules_pair = root.pair("keys"), root.pair("creation_rules")
@@ -694,24 +603,21 @@ def _plan(doc: _Doc, root: _Node, anchor: str, recipient: str, path_regex: str) 
     host_entry: _Node | None = None
     admins: list[str] = []
     for index, item in enumerate(keys.items if keys is not None else []):
-        if item.kind == "alias":
-            continue
-        if item.anchor == anchor:
-            if item.kind != "scalar":
+        if item.kind != "scalar":
+            if item.kind != "alias" and item.anchor == anchor:
                 raise SopsFileError(
                     f"keys[{index}] has anchor &{anchor} but is a {_kind(item)}, not an age "
                     f"recipient; rename that anchor or make it '- &{anchor} age1...'"
                 )
+        elif item.anchor == anchor:
             host_entry = item
-        elif item.kind == "scalar" and item.value == recipient:
+        elif item.value == recipient:
             label = f"&{item.anchor}" if item.anchor else "an entry without an anchor"
             raise SopsFileError(
                 f"recipient {recipient} is already in keys as {label}; rename it to "
                 f"&{anchor} (and its aliases) so the host has one entry"
             )
-        elif (
-            item.kind == "scalar" and item.anchor and not item.anchor.startswith(HOST_ANCHOR_PREFIX)
-        ):
+        elif item.anchor and not item.anchor.startswith(HOST_ANCHOR_PREFIX):
             admins.append(f"*{item.anchor}" if use_aliases else _plain_or_quoted(item.value))
     for path, node in _walk(root):
         if node.kind != "alias" and node.anchor == anchor and node is not host_entry:
@@ -720,45 +626,19 @@ def _plan(doc: _Doc, root: _Node, anchor: str, recipient: str, path_regex: str) 
                 "entry of keys; rename that anchor"
             )
 
-    # The key entry.
     previous: str | None = None
-    if host_entry is not None and host_entry.value != recipient:
+    if host_entry is None:
+        _add_key_entry(doc, root, f"&{anchor} {recipient}")
+    elif host_entry.value != recipient:
         previous = host_entry.value
         doc.replace_scalar(host_entry, recipient)
         _replace_literals(doc, previous, recipient)
-    elif host_entry is None:
-        layout = doc.layout
-        if keys is not None and not keys.is_null:
-            doc.append_item(keys, [entry], entry)
-        elif keys_pair is not None:
-            doc.set_empty_value(
-                keys_pair[0], keys_pair[1], [layout.item_prefix(0) + entry], f"[{entry}]"
-            )
-        elif root.flow:
-            doc.edit(root.start + 1, root.start + 1, f"keys: [{entry}], ")
-        else:
-            first_key = root.pairs[0][0]
-            key_col = doc.column(first_key.start)
-            doc.insert_lines(
-                doc.line_start(first_key.start),
-                [" " * key_col + "keys:", " " * key_col + layout.item_prefix(0) + entry],
-            )
 
-    # The creation rule.
     rules = doc.rules()
-    target = next((r for r in rules if r.has("path_regex") and _rule_regex(r) == path_regex), None)
+    target = next((r for r in rules if r.pair("path_regex") and _rule_regex(r) == path_regex), None)
     if target is None:
-        _new_rule(
-            doc,
-            root,
-            rules_pair[0] if rules_pair else None,
-            doc.rules_node(),
-            [alias, *admins],
-            path_regex,
-        )
-    elif recipient not in _rule_recipients(target) and (
-        previous is None or previous not in _rule_recipients(target)
-    ):
+        _add_rule(doc, root, [alias, *admins], path_regex)
+    elif not {recipient, previous} & set(_rule_recipients(target)):
         _add_to_rule(doc, target, alias, recipient)
     return previous
 
@@ -769,21 +649,9 @@ def _replace_literals(doc: _Doc, old: str, new: str) -> None:
     pattern = re.compile(rf"(?<![0-9a-z]){re.escape(old)}(?![0-9a-z])")
     for rule in doc.rules():
         for _, node in _walk(rule):
-            if node.kind == "seq":
-                for item in node.items:
-                    if item.kind == "scalar" and item.value == old:
-                        doc.replace_scalar(item, new)
+            for item in node.items:
+                if item.kind == "scalar" and item.value == old:
+                    doc.replace_scalar(item, new)
         flat = rule.get("age")
         if flat is not None and flat.kind == "scalar" and old in _split_flat(flat.value):
             doc.replace_scalar(flat, pattern.sub(new, flat.value))
-
-
-def _walk(node: _Node, path: str = "") -> Iterator[tuple[str, _Node]]:
-    yield path, node
-    for index, item in enumerate(node.items):
-        if item.kind != "alias":
-            yield from _walk(item, f"{path}[{index}]")
-    for key, value in node.pairs:
-        if value.kind != "alias":
-            label = key.value if key.kind == "scalar" else "?"
-            yield from _walk(value, f"{path}.{label}" if path else label)

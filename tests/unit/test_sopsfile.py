@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -397,6 +399,19 @@ def test_null_keys_and_rules() -> None:
             f"    pgp:\n    age: {VPS}\n  # about y\n  - path_regex: y$\n    pgp:\n",
             id="flat-rule-with-empty-value",
         ),
+        pytest.param(
+            "keys: ~\ncreation_rules: []  # none yet\n",
+            f"keys:\n  - &host_vps {VPS}\ncreation_rules:  # none yet\n  - path_regex: x$\n"
+            "    key_groups:\n      - age:\n          - *host_vps\n",
+            id="explicit-null-and-empty-flow-lists",
+        ),
+        pytest.param(
+            f"keys:\n  - &a {ALICE}\ncreation_rules:\n  - path_regex: x$\n    age: >-\n"
+            f"      {ALICE},\n      {WEB}\n  # end\n",
+            f"keys:\n  - &a {ALICE}\n  - &host_vps {VPS}\ncreation_rules:\n  - path_regex: x$\n"
+            f"    age: {ALICE}, {WEB}, {VPS}\n  # end\n",
+            id="folded-flat-age-becomes-one-line",
+        ),
     ],
 )
 def test_formatting_is_preserved(text: str, expected: str) -> None:
@@ -474,6 +489,70 @@ def test_errors(text: str, host: str, recipient: str, regex: str, message: str) 
     assert message in str(info.value)
     assert "\n" not in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+# --------------------------------------------------------------------------- refused shapes
+# Rare shapes are not edited: enroll refuses with one line that says what to add by hand.
+
+MANUAL_STEP = (
+    f", a shape enroll does not edit; add the host by hand: '- &host_vps {VPS}' under keys: "
+    "and '*host_vps' in the age keys of the creation rule for 'x$' (add that rule if missing), "
+    "then rerun"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("creation_rules:\n  - path_regex: x$\n    key_groups:\n",
+         "key_groups of rule 'x$' is empty"),
+        ("creation_rules:\n  - path_regex: x$\n    key_groups: []\n",
+         "key_groups of rule 'x$' is empty"),
+        ("creation_rules:\n  - path_regex: x$\n    key_groups:\n      - {}\n",
+         "key_groups[0] of rule 'x$' is a flow mapping ({...})"),
+        ("creation_rules:\n  - path_regex: x$\n    key_groups:\n      - age:\n",
+         "key_groups[0].age of rule 'x$' is empty"),
+        ("creation_rules:\n  - path_regex: x$\n    pgp: ABC\n    age: ''\n",
+         "age of rule 'x$' is empty"),
+        ("creation_rules:\n  - {path_regex: x$, pgp: ABC}\n",
+         "rule 'x$' is a flow mapping ({...})"),
+        ("{creation_rules: []}\n", "the top level is a flow mapping ({...})"),
+        (f"keys: [&a {ALICE}]\ncreation_rules: [{{path_regex: y$, age: [*a]}}]\n",
+         "creation_rules is in flow style ([...])"),
+    ],
+)  # fmt: skip
+def test_rare_shapes_are_refused_with_the_manual_step(text: str, problem: str) -> None:
+    with pytest.raises(SopsFileError) as info:
+        enroll(text, "vps", VPS, "x$")
+    assert str(info.value) == problem + MANUAL_STEP
+
+
+def test_refusal_exits_2_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through `invoke enroll` (host key read and checked stubbed out): a ConfigError, exit 2,
+    one line that starts with the file's path; the file is left as it was."""
+    from rebuild import enroll as enroll_task
+    from rebuild.errors import ConfigError
+
+    for name in list(os.environ):
+        if name.upper().startswith("REBUILD_"):
+            monkeypatch.delenv(name)
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(
+        f'audit_log = "{tmp_path / "audit.jsonl"}"\n'
+        '[hosts.vps]\naddress = "203.0.113.10"\nsops_path_regex = "x$"\n'
+    )
+    sops_yaml = tmp_path / ".sops.yaml"
+    text = "creation_rules:\n  - {path_regex: x$, pgp: ABC}\n"
+    sops_yaml.write_text(text)
+    host_key = enroll_task.HostKey("ssh-ed25519 AAAA", "SHA256:x", VPS)
+    monkeypatch.setattr(enroll_task, "key_is_known", lambda endpoint: True)
+    monkeypatch.setattr(enroll_task, "read_host_key", lambda endpoint: host_key.line)
+    monkeypatch.setattr(enroll_task, "check_against_known_hosts", lambda ep, line: host_key)
+    with pytest.raises(ConfigError) as info:
+        enroll_task.run(str(inventory), "vps")
+    assert info.value.exit_code == 2
+    assert str(info.value) == f"{sops_yaml}: rule 'x$' is a flow mapping ({{...}})" + MANUAL_STEP
+    assert sops_yaml.read_text() == text
 
 
 # --------------------------------------------------------------------------- helpers
