@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 from rebuild import audit, deploy, identity
 from rebuild.console import Console
 from rebuild.errors import ConfigError
@@ -47,16 +44,15 @@ def hosts(inventory: str | None) -> int:
         s = t.settings
         rows.append((t.name, f"{s.address}:{s.port}", s.user, s.action, t.attr,
                      ",".join(s.tags) or "-"))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    Console().table(rows)
     return 0
 
 
 def operator(inventory: str | None, name: str | None) -> int:
+    console = Console()
     me = identity.current()
-    print(f"hostname:   {me.hostname}")
-    print(f"machine-id: {me.machine_id or '(unreadable: /etc/machine-id is missing)'}")
+    console.say(f"hostname:   {me.hostname}")
+    console.say(f"machine-id: {me.machine_id or '(unreadable: /etc/machine-id is missing)'}")
     authorized = None
     try:
         loaded = load(inventory)
@@ -65,12 +61,12 @@ def operator(inventory: str | None, name: str | None) -> int:
         loaded = None
     if authorized is not None:
         where = loaded.path if loaded else ""
-        print(f"authorized: yes, as operator {authorized.name!r} in {where}")
+        console.say(f"authorized: yes, as operator {authorized.name!r} in {where}")
     else:
         where = loaded.path if loaded else "inventory.toml"
-        print(f"authorized: no; add these lines to {where} (reviewed and committed):")
-    print()
-    print(me.operator_lines(name or me.hostname), end="")
+        console.say(f"authorized: no; add these lines to {where} (reviewed and committed):")
+    console.say()
+    console.say(me.operator_lines(name or me.hostname).removesuffix("\n"))
     return 0
 
 
@@ -81,13 +77,14 @@ def history(inventory: str | None, host: str | None, json_mode: bool, limit: int
     records = audit.read(loaded.audit_log, host)
     if limit > 0:
         records = records[-limit:]
+    console = Console(json_mode=json_mode)
     if json_mode:
         for record in records:
-            sys.stdout.write(json.dumps(record, sort_keys=True) + "\n")
+            console.json(record)
         return 0
     if not records:
-        print(f"no audit records in {loaded.audit_log}")
+        console.say(f"no audit records in {loaded.audit_log}")
         return 0
     for line in audit.iter_summary(records):
-        print(line)
+        console.say(line)
     return 0

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
+from collections.abc import Sequence
 from typing import TextIO
 
 from rebuild.verify import Report
 
 
 class Console:
-    """Thread-safe, whole-line output; with --json human output goes to stderr."""
+    """Thread-safe, whole-line output; with --json human output goes to stderr.
 
-    def __init__(self, *, json_mode: bool = False, out: TextIO | None = None) -> None:
+    Human lines (`say`, `host_line`, `report`, `table`, `ask`) go to `out`: stdout, or stderr
+    in --json mode so that stdout carries only the JSON (`json`). Errors and warnings
+    (`error`, `notice`) always go to stderr.
+    """
+
+    def __init__(
+        self,
+        *,
+        json_mode: bool = False,
+        out: TextIO | None = None,
+        data: TextIO | None = None,
+        err: TextIO | None = None,
+    ) -> None:
         self.json_mode = json_mode
         self.out = out or (sys.stderr if json_mode else sys.stdout)
+        self.data = data or sys.stdout
+        self.err = err
         self._lock = threading.Lock()
+
+    def _write(self, stream: TextIO, text: str) -> None:
+        with self._lock:
+            stream.write(text)
+            stream.flush()
 
     def say(self, text: str = "") -> None:
         with self._lock:
@@ -26,9 +47,27 @@ class Console:
         self.say(f"[{host}] {line}")
 
     def error(self, text: str) -> None:
-        with self._lock:
-            sys.stderr.write(f"error: {text}\n")
-            sys.stderr.flush()
+        self.notice(f"error: {text}")
+
+    def notice(self, text: str) -> None:
+        """A line on stderr as given, whatever the mode: a problem, a warning, a note."""
+        self._write(self.err or sys.stderr, text + "\n")
+
+    def json(self, obj: object) -> None:
+        """One JSON document on one line of stdout (keys sorted), the machine-readable output."""
+        self._write(self.data, json.dumps(obj, sort_keys=True) + "\n")
+
+    def table(self, rows: Sequence[Sequence[str]]) -> None:
+        """Rows as left-aligned columns two spaces apart (the first row is usually a header)."""
+        if not rows:
+            return
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        self.say(
+            "\n".join(
+                "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                for row in rows
+            )
+        )
 
     def report(self, report: Report, title: str = "verification") -> None:
         lines = [f"[{report.host}] {title}: {'PASS' if report.ok else 'FAIL'}"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rebuild import agekey, audit, identity, process, sopsfile
+from rebuild.console import Console
 from rebuild.errors import ConfigError, GateRefused, RebuildError, RemoteError
 from rebuild.hostrun import endpoint_for
 from rebuild.inventory import Loaded, Target, load
@@ -125,18 +126,18 @@ def updatekeys_commands(flake_dir: Path, files: list[str]) -> list[str]:
     ]
 
 
-def run_sops(flake_dir: Path, files: list[str]) -> list[str]:
+def run_sops(flake_dir: Path, files: list[str], console: Console) -> list[str]:
     """`sops updatekeys --yes FILE` for each file; returns the failures (one line each)."""
     failures: list[str] = []
     for path in files:
         argv = sopsfile.sops_updatekeys_argv(path)
         done = process.run(argv, cwd=str(flake_dir), timeout=SOPS_TIMEOUT)
         if done.ok:
-            print(f"  {shlex.join(argv)}: ok")
+            console.say(f"  {shlex.join(argv)}: ok")
         else:
             tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-2:])
             failures.append(f"{path}: {tail or f'exit {done.returncode}'}")
-            print(f"  {shlex.join(argv)}: FAILED ({tail or done.returncode})")
+            console.say(f"  {shlex.join(argv)}: FAILED ({tail or done.returncode})")
     return failures
 
 
@@ -166,26 +167,29 @@ def run(inventory: str | None, host: str, *, dry_run: bool = False) -> int:
     loaded = load(inventory)
     target = loaded.target(host)
     record = _record(loaded, target, started)
+    console = Console()
     try:
-        code = _enroll(loaded, target, record, dry_run=dry_run)
+        code = _enroll(loaded, target, record, console, dry_run=dry_run)
     except RebuildError as exc:
         record.result, record.exit_code, record.message = exc.result, exc.exit_code, str(exc)
-        _append(loaded, record, started)
+        _append(loaded, record, started, console)
         raise
     if not dry_run:
-        _append(loaded, record, started)
+        _append(loaded, record, started, console)
     return code
 
 
-def _append(loaded: Loaded, record: audit.Record, started: float) -> None:
+def _append(loaded: Loaded, record: audit.Record, started: float, console: Console) -> None:
     record.duration_s = round(time.monotonic() - started, 3)
     try:
         audit.append(loaded.audit_log, record)
     except OSError as exc:
-        print(f"warning: cannot write the audit record to {loaded.audit_log}: {exc}")
+        console.notice(f"warning: cannot write the audit record to {loaded.audit_log}: {exc}")
 
 
-def _enroll(loaded: Loaded, target: Target, record: audit.Record, *, dry_run: bool) -> int:
+def _enroll(
+    loaded: Loaded, target: Target, record: audit.Record, console: Console, *, dry_run: bool
+) -> int:
     name = target.name
     flake_dir = loaded.flake_dir
     if flake_dir is None:
@@ -197,8 +201,10 @@ def _enroll(loaded: Loaded, target: Target, record: audit.Record, *, dry_run: bo
     if not key_is_known(endpoint):
         raise GateRefused(unknown_key_message(endpoint))
     key = check_against_known_hosts(endpoint, read_host_key(endpoint))
-    print(f"{name}: host key {key.fingerprint} ({HOST_KEY_PATH}) matches {endpoint.known_hosts}")
-    print(f"{name}: age recipient {key.recipient}")
+    console.say(
+        f"{name}: host key {key.fingerprint} ({HOST_KEY_PATH}) matches {endpoint.known_hosts}"
+    )
+    console.say(f"{name}: age recipient {key.recipient}")
     record.extra.update(fingerprint=key.fingerprint, recipient=key.recipient)
 
     sops_path = flake_dir / SOPS_CONFIG
@@ -216,23 +222,24 @@ def _enroll(loaded: Loaded, target: Target, record: audit.Record, *, dry_run: bo
 
     verb = "would be" if dry_run else "was"
     if result.previous_recipient is not None:
-        print(
+        console.say(
             f"{name}: the host key changed (a reinstalled host?): the old recipient "
             f"{result.previous_recipient} {verb} replaced by {key.recipient} everywhere in "
             f"{sops_path}"
         )
     if not result.changed:
-        print(f"{sops_path}: unchanged ({name} is already in the rule for {regex!r})")
+        console.say(f"{sops_path}: unchanged ({name} is already in the rule for {regex!r})")
     elif not text:
-        print(f"{sops_path}: {'would be created' if dry_run else 'created'} with {name}'s "
-              f"key and a creation rule for {regex!r}")  # fmt: skip
+        console.say(f"{sops_path}: {'would be created' if dry_run else 'created'} with {name}'s "
+                    f"key and a creation rule for {regex!r}")  # fmt: skip
     else:
-        print(f"{sops_path}: {name}'s key {verb} added (&{sopsfile.anchor_for_host(name)}) to the "
-              f"creation rule for {regex!r}; comments and order kept")  # fmt: skip
+        console.say(f"{sops_path}: {name}'s key {verb} added "
+                    f"(&{sopsfile.anchor_for_host(name)}) to the "
+                    f"creation rule for {regex!r}; comments and order kept")  # fmt: skip
     if dry_run:
         if files:
-            print("would re-encrypt for the host: " + ", ".join(files))
-        print("--dry-run: nothing was written or run")
+            console.say("would re-encrypt for the host: " + ", ".join(files))
+        console.say("--dry-run: nothing was written or run")
         record.result, record.exit_code = "ok", 0
         return 0
     if result.changed:
@@ -240,21 +247,21 @@ def _enroll(loaded: Loaded, target: Target, record: audit.Record, *, dry_run: bo
 
     commands = updatekeys_commands(flake_dir, files)
     if not files:
-        print(
+        console.say(
             f"no encrypted secret file is governed by the host's rule yet; create them with "
             f"`sops <file>` at paths matching {regex!r} (in {flake_dir})"
         )
     elif not result.changed:
-        print("if these secrets were not re-encrypted for the host yet, run:")
+        console.say("if these secrets were not re-encrypted for the host yet, run:")
         for command in commands:
-            print(f"  {command}")
+            console.say(f"  {command}")
     elif shutil.which("sops") is None:
-        print("sops is not on PATH; re-encrypt the host's secrets with:")
+        console.say("sops is not on PATH; re-encrypt the host's secrets with:")
         for command in commands:
-            print(f"  {command}")
+            console.say(f"  {command}")
     else:
-        print(f"re-encrypting {len(files)} secret file(s) for {name} (sops updatekeys):")
-        failures = run_sops(flake_dir, files)
+        console.say(f"re-encrypting {len(files)} secret file(s) for {name} (sops updatekeys):")
+        failures = run_sops(flake_dir, files, console)
         if failures:
             record.extra["sops_failures"] = failures
             raise ConfigError(
@@ -262,16 +269,16 @@ def _enroll(loaded: Loaded, target: Target, record: audit.Record, *, dry_run: bo
                 f"({failures[0]}); {SOPS_CONFIG} is updated; fix it (can this machine decrypt "
                 "them?) and run the printed commands again"
             )
-    print(
+    console.say(
         f"next: commit {SOPS_CONFIG} and the secrets, then run `invoke rebuild --host {name}`"
     )
     if target.settings.verify.commands:
         checks = ", ".join(c.name for c in target.settings.verify.commands)
-        print(f"      its verify.commands ({checks}) prove the secrets arrived")
+        console.say(f"      its verify.commands ({checks}) prove the secrets arrived")
     else:
-        print(
+        console.say(
             f"      add a check that proves the secrets arrived, e.g. [[hosts.{name}.verify."
-            "commands]] name = \"secrets decrypted\", run = \"test -s /run/secrets/<name>\""
+            'commands]] name = "secrets decrypted", run = "test -s /run/secrets/<name>"'
         )
     record.result, record.exit_code = "ok", 0
     return 0

@@ -11,10 +11,8 @@ one audit record with `event` `image`.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -248,14 +246,14 @@ def build(loaded: Loaded, target: Target, *, allow_dirty: bool, json_mode: bool,
         failure = error or RebuildError("the image build ended without an outcome")
         console.error(str(failure))
         if json_mode:
-            emit_json({"host": target.name, "ok": False, "result": record.result,
-                       "exit_code": record.exit_code, "run_id": record.run_id,
-                       "error": str(failure), "commit": record.commit, "dirty": record.dirty,
-                       "command": list(command)})  # fmt: skip
+            console.json({"host": target.name, "ok": False, "result": record.result,
+                          "exit_code": record.exit_code, "run_id": record.run_id,
+                          "error": str(failure), "commit": record.commit, "dirty": record.dirty,
+                          "command": list(command)})  # fmt: skip
         return failure.exit_code
     if json_mode:
-        emit_json({**artifact.to_json(), "ok": True, "result": "ok", "exit_code": 0,
-                   "run_id": record.run_id})  # fmt: skip
+        console.json({**artifact.to_json(), "ok": True, "result": "ok", "exit_code": 0,
+                      "run_id": record.run_id})  # fmt: skip
     else:
         console.say(render(artifact))
     return 0
@@ -312,11 +310,6 @@ def render(artifact: ImageArtifact) -> str:
          else artifact.store_path),
     ]  # fmt: skip
     return "\n".join(f"[{artifact.host}] {name + ':':8} {value}" for name, value in rows)
-
-
-def emit_json(data: dict[str, object]) -> None:
-    sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
-    sys.stdout.flush()
 
 
 def run(inventory: str | None, host: str, *, allow_dirty: bool, json_mode: bool) -> int:

@@ -12,6 +12,7 @@ import getpass
 import sys
 from typing import TextIO
 
+from rebuild.console import Console
 from rebuild.errors import ConfigError, Declined, GateRefused
 from rebuild.inventory import load
 
@@ -133,9 +134,10 @@ def run(inventory: str | None, op: str, host: str, *, from_stdin: bool) -> int:
     loaded = load(inventory)
     target = loaded.target(host)
     user = target.settings.user
+    console = Console()
     if op == "clear":
         removed = clear(target.name, user)
-        print(
+        console.say(
             f"removed the sudo password of {target.name} from the keyring"
             if removed
             else f"no sudo password of {target.name} was stored; nothing to remove"
@@ -149,7 +151,7 @@ def run(inventory: str | None, op: str, host: str, *, from_stdin: bool) -> int:
         f"; note: {target.name} has sudo = false in {loaded.path}, so it is used only once "
         "you set sudo = true"
     )  # fmt: skip
-    print(
+    console.say(
         f"stored the sudo password of {target.name} ({user}@{target.address}) in the keyring "
         f"(service {SERVICE!r}, backend {backend_name()}){note}"
     )

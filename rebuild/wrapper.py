@@ -15,35 +15,21 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rebuild.console import Console
 from rebuild.errors import ConfigError
 from rebuild.inventory import ACTIONS, DEFAULT_INVENTORY, Loaded, Target, load
+from rebuild.results import MEANINGS
 
 SCRIPTS_DIR = "scripts"
 MARKER = "# GENERATED FILE: DO NOT EDIT."
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _SAFE_RELPATH = re.compile(r"^[A-Za-z0-9_@+,.-]+(/[A-Za-z0-9_@+,.-]+)*$")
-
-# The exit codes of every rebuild task (the contract), shown by `--help`.
-EXIT_CODES: tuple[tuple[int, str], ...] = (
-    (0, "done, verified"),
-    (1, "internal error (a bug)"),
-    (2, "bad usage or configuration: invalid inventory, unknown host, bad flag"),
-    (3, "refused by a safety gate: operator not allowlisted, dirty tree, host locked, "
-        "host key unknown or changed, no terminal for the prompt and no --yes"),
-    (4, "declined or aborted at the confirmation (including Ctrl-C before anything changed)"),
-    (5, "nixos-rebuild failed"),
-    (6, "verification failed; the host stays on the new system (--no-rollback)"),
-    (7, "the host was rolled back to the previous system (verification failed, or the host "
-        "was lost and its own timer restored it)"),
-    (130, "interrupted (Ctrl-C) after the run started changing things"),
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -120,7 +106,7 @@ def render(
     flag_lines = "\n".join(f"  {f.name:<{width}}{f.help}" for f in PASSTHROUGH)
     exit_lines = "\n".join(
         textwrap.fill(meaning, 98, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7)
-        for code, meaning in EXIT_CODES
+        for code, meaning in sorted(MEANINGS.items())
     )
     inventory_line = "--inventory PATH"
     help_text = f"""\
@@ -315,6 +301,8 @@ def run(inventory: str | None, hosts: list[str], *, every: bool, check: bool, ro
     rel = relative_inventory(root, loaded.path)
     leftovers = orphans(root, [t.name for t in loaded.targets()]) if whole else []
 
+    console = Console()
+
     def shown(path: Path) -> str:
         return path.relative_to(root).as_posix()
 
@@ -326,32 +314,29 @@ def run(inventory: str | None, hosts: list[str], *, every: bool, check: bool, ro
             if why is not None:
                 problems.append(f"{shown(path)}: {why}; run `{command(rel, target.name)}`")
             else:
-                print(f"{shown(path)}: up to date")
+                console.say(f"{shown(path)}: up to date")
         for path in leftovers:
             problems.append(
                 f"{shown(path)}: generated for a host that is no longer in {rel}; remove it "
                 f"(git rm {shown(path)})"
             )
         for line in problems:
-            print(line, file=sys.stderr)
+            console.notice(line)
         if problems:
-            print(
-                f"{len(problems)} wrapper(s) out of date with {rel}; fix them and commit the "
-                "result",
-                file=sys.stderr,
+            console.notice(
+                f"{len(problems)} wrapper(s) out of date with {rel}; fix them and commit the result"
             )
             return 1
         return 0
     for path, text in wanted.items():
         if problem(path, text) is None:
-            print(f"{shown(path)}: up to date")
+            console.say(f"{shown(path)}: up to date")
             continue
         write(path, text)
-        print(f"wrote {shown(path)}")
+        console.say(f"wrote {shown(path)}")
     for path in leftovers:
-        print(
+        console.notice(
             f"note: {shown(path)} was generated for a host that is no longer in {rel}; "
-            f"remove it (git rm {shown(path)})",
-            file=sys.stderr,
+            f"remove it (git rm {shown(path)})"
         )
     return 0

@@ -43,13 +43,15 @@ Exit codes (those of `invoke rebuild`):
   1    internal error (a bug)
   2    bad usage or configuration: invalid inventory, unknown host, bad flag
   3    refused by a safety gate: operator not allowlisted, dirty tree, host locked, host key
-       unknown or changed, no terminal for the prompt and no --yes
+       unknown or changed, no terminal for the prompt and no --yes, host unreachable before
+       anything changed, audit log not writable
   4    declined or aborted at the confirmation (including Ctrl-C before anything changed)
   5    nixos-rebuild failed
-  6    verification failed; the host stays on the new system (--no-rollback)
+  6    verification failed; the host stays on the new system (--no-rollback), or it stopped
+       answering after activation
   7    the host was rolled back to the previous system (verification failed, or the host was lost
        and its own timer restored it)
-  130  interrupted (Ctrl-C) after the run started changing things
+  130  interrupted (Ctrl-C) after changes began; the dead-man timer protects the host
 This script exits 2 itself, before the tool starts, for an unknown action or argument, and when
 the repository or its .venv is missing.
 __REBUILD_WRAPPER_HELP__

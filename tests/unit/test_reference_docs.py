@@ -1,4 +1,5 @@
-"""docs/reference/index.md stays true: keys, defaults, tasks, flags, exit codes, audit, hosts."""
+"""docs/reference/index.md stays true: keys, defaults, tasks, flags, exit codes, audit, hosts;
+the README's exit-code table too."""
 
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ from rebuild.inventory import (
     VerifySpec,
     load,
 )
-from rebuild.wrapper import EXIT_CODES
+from rebuild.results import MEANINGS
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO / "docs" / "reference" / "index.md"
 PLAYBOOK = REPO / "docs" / "playbooks" / "vps-rebuild.md"
+README = REPO / "README.md"
 
 # Where each model's keys appear in the inventory, as the reference spells the key paths.
 TABLES: dict[str, type[BaseModel]] = {
@@ -56,8 +58,17 @@ def _no_rebuild_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def section(text: str, title: str) -> str:
     """The body of the `## title` section (up to the next `## ` heading)."""
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert match, f"{REFERENCE.name} has no '## {title}' section"
+    assert match, f"no '## {title}' section"
     return match.group(1)
+
+
+def exit_code_table(body: str) -> dict[int, str]:
+    """The `| code | meaning |` rows of a section, the meaning without Markdown backticks."""
+    table: dict[int, str] = {}
+    for number, meaning in re.findall(r"^\| (\d+) \| (.*) \|$", body, re.M):
+        assert int(number) not in table, f"exit code {number} is documented twice"
+        table[int(number)] = meaning.replace("`", "")
+    return table
 
 
 def rows(body: str) -> list[list[str]]:
@@ -213,10 +224,21 @@ class TestTasks:
 
 class TestExitCodesAndAudit:
     def test_exit_codes(self) -> None:
-        """The exit code table lists exactly the contract's codes."""
+        """The exit code table lists exactly the contract's codes, in order."""
         body = section(reference(), "Exit codes")
         documented = [int(m) for m in re.findall(r"^\| (\d+) \|", body, re.M)]
-        assert documented == [c for c, _ in EXIT_CODES]
+        assert documented == sorted(MEANINGS)
+
+    @pytest.mark.parametrize(
+        ("doc", "title"),
+        [(REFERENCE, "Exit codes"), (README, "Exit codes (every task)")],
+        ids=["reference", "readme"],
+    )
+    def test_exit_code_meanings_are_the_results_table(self, doc: Path, title: str) -> None:
+        """Each documented code says what rebuild.results.MEANINGS says, word for word (Markdown
+        backticks aside), and no code is missing or made up."""
+        documented = exit_code_table(section(doc.read_text(encoding="utf-8"), title))
+        assert documented == MEANINGS
 
     def test_audit_fields_both_ways(self) -> None:
         """The audit table lists exactly the fields of audit.Record (extra keys aside)."""
@@ -261,5 +283,5 @@ class TestLinks:
     def test_playbook_covers_every_exit_code(self) -> None:
         """The playbook says what to do for each exit code."""
         body = section(PLAYBOOK.read_text(encoding="utf-8"), "Exit codes: what to do")
-        for code_, _ in EXIT_CODES:
+        for code_ in MEANINGS:
             assert re.search(rf"^### {code_}\b", body, re.M), f"no '### {code_}' in the playbook"

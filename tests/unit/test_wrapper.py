@@ -15,8 +15,8 @@ import pytest
 from rebuild import errors
 from rebuild.errors import ConfigError
 from rebuild.inventory import ACTIONS, HostSettings, Target, load
+from rebuild.results import MEANINGS
 from rebuild.wrapper import (
-    EXIT_CODES,
     FLEET_FLAGS,
     MARKER,
     PASSTHROUGH,
@@ -120,8 +120,27 @@ class TestRender:
         for flag in PASSTHROUGH:
             assert f"  {flag.name} " in usage
         assert "--inventory PATH" in usage and "-h, --help" in usage
-        for code, _ in EXIT_CODES:
-            assert f"\n  {code:<5}" in usage
+        for code, meaning in MEANINGS.items():
+            assert f"\n  {code:<5}{meaning.split()[0]}" in usage
+
+    def test_help_exit_codes_are_the_results_table(self) -> None:
+        """The help's exit codes and their meanings are rebuild.results.MEANINGS, word for word
+        (one table, no copy in the wrapper)."""
+        text = render("inventory.toml", VPS)
+        block = text.split("Exit codes (those of `invoke rebuild`):\n", 1)[1].split(
+            "\nThis script exits 2 itself", 1
+        )[0]
+        shown: dict[int, str] = {}
+        last = None
+        for line in block.splitlines():
+            if line.startswith("       "):
+                assert last is not None, line
+                shown[last] += " " + line.strip()
+            else:
+                code_, meaning = line.split(maxsplit=1)
+                last = int(code_)
+                shown[last] = meaning
+        assert shown == MEANINGS
 
     @pytest.mark.parametrize("name", ["a;b", "$(reboot)", "a b", "-rf", "x'y", "a\nb"], ids=repr)
     def test_refuses_a_name_with_shell_syntax(self, name: str) -> None:
@@ -160,7 +179,7 @@ class TestContractTables:
             for _, cls in inspect.getmembers(errors, inspect.isclass)
             if issubclass(cls, errors.RebuildError)
         }
-        assert [code for code, _ in EXIT_CODES] == sorted(codes)
+        assert sorted(MEANINGS) == sorted(codes)
 
     def test_passed_flags_are_flags_of_invoke_rebuild(self) -> None:
         """Every flag a wrapper passes or refuses is a real flag of the `rebuild` task."""
