@@ -18,11 +18,9 @@ from typing import Any
 import structlog
 
 from rebuild.errors import ConfigError
+from rebuild.results import Result
 
-RESULTS = (
-    "ok", "refused", "declined", "build_failed", "verify_failed", "rolled_back", "interrupted",
-    "error", "skipped",
-)  # fmt: skip
+RESULTS = tuple(str(r) for r in Result)
 SECRET_WORDS = ("password", "passphrase", "secret", "token")
 
 
@@ -66,6 +64,7 @@ class Record:
     checks: list[dict[str, object]] = field(default_factory=list)
     rollback_checks: list[dict[str, object]] = field(default_factory=list)
     duration_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:

@@ -138,8 +138,11 @@ def arm_timer_script(run_id: str, previous: str, seconds: int) -> str:
         f"{quote(previous + '/bin/switch-to-configuration')} switch"
     )
     # A timer that already fired is left alone (`fired`): the caller must learn that the host
-    # restored itself, and re-arming it would roll back once more later.
+    # restored itself, and re-arming it would roll back once more later. A run whose lock was
+    # broken by another run arms nothing (`lock-lost` and the new holder).
     return (
+        f"if ! cat {LOCK_DIR}/owner 2>/dev/null | grep -qF {quote(run_id)}; then "
+        f"echo lock-lost; cat {LOCK_DIR}/owner 2>/dev/null; exit 0; fi; "
         f"case $(systemctl show -p SubState --no-pager -- {quote(unit + '.timer')} 2>/dev/null) "
         "in *=elapsed) echo fired; exit 0;; esac; "
         f"systemctl stop {quote(unit + '.timer')} {quote(unit + '.service')} 2>/dev/null; "
@@ -158,9 +161,29 @@ def timer_state_script(run_id: str) -> str:
 
 
 def cancel_timer_script(run_id: str) -> str:
-    """Stop the timer, then show its state so the caller can prove it is gone."""
+    """Stop the timer, then show its state (so the caller can prove it is gone) and what the
+    host runs, in one round trip."""
     unit = timer_unit(run_id)
-    return f"systemctl stop {quote(unit + '.timer')} 2>/dev/null; " + timer_state_script(run_id)
+    return (
+        f"systemctl stop {quote(unit + '.timer')} 2>/dev/null; "
+        + timer_state_script(run_id)
+        + f"echo '{MARK} current'; readlink -f {CURRENT_SYSTEM} 2>/dev/null; true\n"
+    )
+
+
+def parse_cancel(output: str) -> tuple[bool, str | None]:
+    """`cancel_timer_script`'s answer: is the timer gone, and the host's current system."""
+    state, _, rest = output.partition(f"{MARK} current")
+    return timer_gone(state), parse_store_path(rest.splitlines())
+
+
+def parse_lock_lost(output: str) -> str | None:
+    """`arm_timer_script` found the lock taken by another run: who holds it now (else None)."""
+    first, _, rest = output.strip().partition("\n")
+    if first.strip() != "lock-lost":
+        return None
+    holder = parse_owner(rest)
+    return holder.describe() if holder is not None else "nobody (the lock was removed)"
 
 
 def timer_gone(show_output: str) -> bool:

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from rebuild import audit, facts, nixos, process
-from rebuild.errors import (
-    BuildFailed,
-)
+from rebuild import facts, hostops, nixos, process
+from rebuild.core import Outcome
+from rebuild.errors import BuildFailed, GateRefused
 from rebuild.inventory import Loaded, Target
 from rebuild.remote import Endpoint, Remote, RemoteResult
 from rebuild.verify import Report, run_checks
@@ -22,33 +21,28 @@ NIX_EVAL_TIMEOUT = 600
 
 @dataclass
 class HostRun:
-    """Everything one host's part of a run knows; its record is written exactly once."""
+    """One host's part of a run: what the gates decided for it, its locks and connection, and
+    at the end its Outcome. Changed only by the run's own thread for this host (the heartbeat
+    uses the connection, never these fields); the audit record is made from it once."""
 
     target: Target
-    record: audit.Record
     endpoint: Endpoint
     action: str
+    run_id: str
     command: list[str] = field(default_factory=list)
     expected: str | None = None
     previous: str | None = None
+    overrides: list[str] = field(default_factory=list)  # this host's own (e.g. break-lock)
     remote: Remote | None = None
     remote_locked: bool = False
     local_lock: IO[str] | None = None
-    timer_armed_at: float | None = None
-    timer_has_fired: bool = False
-    report: Report | None = None
-    rollback_report: Report | None = None
+    outcome: Outcome | None = None
+    timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
-    responder: process.Responder | None = None  # answers nixos-rebuild's sudo password prompt
-    sudo_complaint: str = ""  # a line where sudo refused nixos-rebuild
 
     @property
     def name(self) -> str:
         return self.target.name
-
-    @property
-    def timer_wanted(self) -> bool:
-        return self.action in ("switch", "test") and self.target.settings.rollback_timeout > 0
 
     def connection(self) -> Remote:
         """The host's one connection, reopened if it died."""
@@ -144,3 +138,19 @@ def current_system(hr: HostRun) -> str | None:
             f"readlink -f {facts.CURRENT_SYSTEM}; true\n", timeout=20, privileged=False
         ).stdout.splitlines()
     )
+
+
+def previous_generation(hr: HostRun) -> str:
+    """The system of the generation below the current one (`invoke rollback`'s target)."""
+    numbers, current = hostops.parse_generations(
+        hr.run(hostops.generations_script(), timeout=30).stdout
+    )
+    older = [n for n in numbers if current is not None and n < current]
+    if not older:
+        raise GateRefused(f"{hr.name}: no generation older than the current one to roll back to")
+    path = facts.parse_store_path(
+        hr.run(hostops.generation_path_script(max(older)), timeout=30).stdout.splitlines()
+    )
+    if path is None:
+        raise GateRefused(f"{hr.name}: cannot read the previous generation's system")
+    return path

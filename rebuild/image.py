@@ -188,7 +188,7 @@ def command_for(loaded: Loaded, target: Target, folder: Path) -> list[str]:
 def build(loaded: Loaded, target: Target, *, allow_dirty: bool, json_mode: bool,
           console: Console) -> int:  # fmt: skip
     """`invoke image`: gate, build, report, audit; returns the exit code."""
-    from rebuild.deploy import git_gate  # the same dirty-tree gate as a deploy
+    from rebuild.gates import git_gate  # the same dirty-tree gate as a deploy
 
     started = time.monotonic()
     me = identity.current()

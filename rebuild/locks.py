@@ -13,10 +13,7 @@ from typing import IO
 import structlog
 
 from rebuild import hostops, identity
-from rebuild.errors import (
-    GateRefused,
-    RebuildError,
-)
+from rebuild.errors import GateRefused, RebuildError, RemoteError
 from rebuild.hostrun import HostRun
 
 log = structlog.get_logger("rebuild")
@@ -63,7 +60,16 @@ def pid_alive(pid: int) -> bool:
 
 def remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
                 break_lock: bool, stale_after: float) -> None:  # fmt: skip
-    """Take the host's lock (and learn what it runs); a held lock refuses, naming the holder."""
+    """Take the host's lock (and learn what it runs); a held lock refuses, naming the holder.
+    Nothing has changed yet, so a host that does not answer is a refusal too."""
+    try:
+        _take_remote_lock(hr, owner, me, break_lock=break_lock, stale_after=stale_after)
+    except RemoteError as exc:
+        raise GateRefused(f"{exc}; nothing was changed") from None
+
+
+def _take_remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
+                      break_lock: bool, stale_after: float) -> None:  # fmt: skip
     answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
     if not answer.acquired and answer.holder is not None and break_lock:
         holder = answer.holder
@@ -80,12 +86,11 @@ def remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
                 f"{stale_after:g}s and its run may be alive), so --break-lock refuses to break it"
             )
         hr.run(hostops.break_script(holder.run_id), timeout=30)
-        hr.record.overrides.append(f"break-lock {holder.run_id}")
+        hr.overrides.append(f"break-lock {holder.run_id}")
         answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
     if answer.acquired:
         hr.remote_locked = True
         hr.previous = answer.current_system
-        hr.record.previous_system = answer.current_system
         return
     if answer.holder is not None:
         raise GateRefused(
@@ -102,7 +107,7 @@ def release_remote_lock(hr: HostRun) -> None:
     if not hr.remote_locked:
         return
     try:
-        hr.run(hostops.release_script(hr.record.run_id), timeout=20)
+        hr.run(hostops.release_script(hr.run_id), timeout=20)
         hr.remote_locked = False
     except RebuildError as exc:
         log.warning("could not release the host lock", host=hr.name, error=str(exc))

@@ -34,6 +34,7 @@ class Report:
     current_system: str | None
     expected_system: str | None
     checks: tuple[Check, ...]
+    reachable: bool = True  # False: the host stopped answering (the only check is `ssh`)
 
     @property
     def ok(self) -> bool:
@@ -146,7 +147,7 @@ def run_checks(
         try:
             facts = gather()
         except RemoteError as exc:
-            return Report(host, None, expected, (Check("ssh", False, str(exc)),))
+            return Report(host, None, expected, (Check("ssh", False, str(exc)),), reachable=False)
         checks = evaluate(facts, spec, expected, boot=boot)
         if settled(checks) or clock() >= deadline or attempts >= 10_000:
             return Report(host, facts.current_system if not boot else facts.profile_system,

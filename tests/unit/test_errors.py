@@ -20,7 +20,7 @@ class TestExitCodes:
     @pytest.mark.parametrize(
         ("error", "code", "result"),
         [
-            (ConfigError, 2, "error"),
+            (ConfigError, 2, "usage"),
             (GateRefused, 3, "refused"),
             (Declined, 4, "declined"),
             (BuildFailed, 5, "build_failed"),

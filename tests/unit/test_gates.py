@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rebuild.deploy import Options, git_gate, operator_gate, terminal_gate
 from rebuild.errors import GateRefused
+from rebuild.gates import git_gate, operator_gate, terminal_gate
 from rebuild.gitstate import GitState
 from rebuild.identity import Identity
 from rebuild.inventory import Loaded, load
@@ -131,23 +131,23 @@ class TestTerminalGate:
         """Without a terminal to ask on and without --yes, the run is refused (exit 3)."""
         monkeypatch.setattr(sys, "stdin", FakeStdin(tty=False))
         with pytest.raises(GateRefused, match="--yes") as caught:
-            terminal_gate(Options())
+            terminal_gate(yes=False, dry_run=False)
         assert caught.value.exit_code == 3
 
     def test_yes_passes_without_terminal(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """--yes needs no terminal."""
         monkeypatch.setattr(sys, "stdin", FakeStdin(tty=False))
-        terminal_gate(Options(yes=True))
+        terminal_gate(yes=True, dry_run=False)
 
     def test_dry_run_passes_without_terminal(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """--dry-run asks nothing, so it needs no terminal."""
         monkeypatch.setattr(sys, "stdin", FakeStdin(tty=False))
-        terminal_gate(Options(dry_run=True))
+        terminal_gate(yes=False, dry_run=True)
 
     def test_terminal_passes(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """With a terminal the prompt can be shown."""
         monkeypatch.setattr(sys, "stdin", FakeStdin(tty=True))
-        terminal_gate(Options())
+        terminal_gate(yes=False, dry_run=False)
 
     def test_closed_stdin_is_no_terminal(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A closed stdin counts as no terminal rather than crashing."""
@@ -155,7 +155,7 @@ class TestTerminalGate:
         closed.close()
         monkeypatch.setattr(sys, "stdin", closed)
         with pytest.raises(GateRefused):
-            terminal_gate(Options())
+            terminal_gate(yes=False, dry_run=False)
 
 
 class TestLocalLock:

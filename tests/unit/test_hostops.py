@@ -19,7 +19,9 @@ from rebuild.hostops import (
     generation_path_script,
     lock_is_stale,
     parse_acquire,
+    parse_cancel,
     parse_generations,
+    parse_lock_lost,
     parse_owner,
     release_script,
     rollback_now_script,
@@ -78,10 +80,16 @@ def sh(root: Path, script: str, **env: str) -> str:
     return done.stdout
 
 
+def take_lock(root: Path) -> None:
+    """This run (ME) holds the host's lock, as it does whenever it arms a timer."""
+    assert parse_acquire(sh(root, acquire_script(ME))).acquired
+
+
 def calls(root: Path) -> list[list[str]]:
     """The recorded program calls: [program, arg, arg, ...]."""
     out: list[list[str]] = []
-    for line in (root / "calls.log").read_text(encoding="utf-8").splitlines():
+    log = root / "calls.log"
+    for line in (log.read_text(encoding="utf-8") if log.exists() else "").splitlines():
         if line.startswith("[") and line.endswith("]"):
             out[-1].append(line[1:-1])
         else:
@@ -221,6 +229,7 @@ class TestDeadManTimer:
 
     def test_arm_runs_systemd_run_with_the_restore(self, host: Path) -> None:
         """Arming stops this run's old timer, then schedules the restore of the previous system."""
+        take_lock(host)
         sh(host, arm_timer_script(RUN_ID, PREVIOUS, 90))
         show, stop, run = calls(host)
         unit = f"rebuild-rollback-{RUN_ID}"
@@ -244,6 +253,7 @@ class TestDeadManTimer:
         activate = previous / "bin" / "switch-to-configuration"
         activate.write_text(RECORDER, encoding="utf-8")
         activate.chmod(0o755)
+        take_lock(host)
         sh(host, arm_timer_script(RUN_ID, str(previous), 30))
         restore = calls(host)[2][-1]
         (host / "calls.log").unlink()
@@ -259,19 +269,47 @@ class TestDeadManTimer:
         systemctl.write_text(
             RECORDER + 'case "$1" in show) echo SubState=elapsed;; esac\n', encoding="utf-8"
         )
+        take_lock(host)
         out = sh(host, arm_timer_script(RUN_ID, PREVIOUS, 90))
         assert out.strip() == "fired"
         assert [c[:2] for c in calls(host)] == [["systemctl", "show"]]
 
+    def test_a_broken_lock_arms_nothing(self, host: Path) -> None:
+        """Another run broke this run's lock and took it: nothing is armed, and the answer
+        names the new holder."""
+        sh(host, acquire_script(OTHER))
+        out = sh(host, arm_timer_script(RUN_ID, PREVIOUS, 90))
+        assert calls(host) == []
+        holder = parse_lock_lost(out)
+        assert holder is not None and OTHER.run_id in holder and "ci on runner" in holder
+
+    def test_a_removed_lock_arms_nothing(self, host: Path) -> None:
+        """No lock at all (broken, not retaken) is a lost lock too."""
+        out = sh(host, arm_timer_script(RUN_ID, PREVIOUS, 90))
+        assert calls(host) == [] and parse_lock_lost(out) == "nobody (the lock was removed)"
+
+    def test_a_held_lock_is_not_lost(self) -> None:
+        """Any other answer of the arm step is not a lost lock."""
+        assert parse_lock_lost("fired\n") is None and parse_lock_lost("") is None
+
     def test_cancel_stops_the_timer_and_shows_it(self, host: Path) -> None:
-        """Cancelling stops the timer, then asks systemd for its state."""
-        sh(host, cancel_timer_script(RUN_ID))
+        """Cancelling stops the timer, then asks systemd for its state, and reads what the host
+        runs, in the same round trip."""
+        out = sh(host, cancel_timer_script(RUN_ID))
         unit = f"rebuild-rollback-{RUN_ID}.timer"
         assert calls(host) == [
             ["systemctl", "stop", unit],
             ["systemctl", "show", "-p", "Id,LoadState,ActiveState,SubState", "--no-pager", "--",
              unit],
         ]  # fmt: skip
+        assert parse_cancel(out) == (False, SYSTEM)  # the recorder printed no state
+
+    def test_parse_cancel(self) -> None:
+        """A timer systemd no longer knows is gone; the current system follows its marker."""
+        out = (f"Id=x.timer\nLoadState=not-found\nActiveState=inactive\n"
+               f"{hostops.MARK} current\n{SYSTEM}\n")  # fmt: skip
+        assert parse_cancel(out) == (True, SYSTEM)
+        assert parse_cancel("LoadState=loaded\nActiveState=active\n") == (False, None)
 
     def test_rollback_now(self, host: Path) -> None:
         """Rolling back at once cancels the timer, pins the profile, activates the old system."""

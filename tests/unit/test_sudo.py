@@ -12,9 +12,8 @@ import keyring
 import pytest
 from keyring.backends import fail
 
-from rebuild import deploy, hostrun, process
+from rebuild import deploy, driver, hostrun, process
 from rebuild import sudo_keyring as secrets
-from rebuild.audit import Record
 from rebuild.errors import ConfigError, Declined, GateRefused
 from rebuild.inventory import HostSettings, Target
 from rebuild.nixos import nixos_rebuild_argv
@@ -190,11 +189,9 @@ class TestNixosRebuildArgv:
 
 
 def host_run(target: Target) -> hostrun.HostRun:
-    record = Record(run_id="r", host="vps", address="203.0.113.10", action="switch",
-                    flake="/f", attr="vps", operator={})  # fmt: skip
     ep = Endpoint(name="vps", address="203.0.113.10", port=22, user="deploy",
                   known_hosts=Path("/k"), sudo=target.settings.sudo)  # fmt: skip
-    return hostrun.HostRun(target, record, ep, "switch")
+    return hostrun.HostRun(target, ep, "switch", "r")
 
 
 class TestDeployWiring:
@@ -223,29 +220,30 @@ class TestDeployWiring:
 
     def test_rejected_password_message(self) -> None:
         hr = host_run(vps(sudo=True))
-        hr.responder = process.Responder(PASSWORD)
-        hr.responder.rejected = True
+        responder = process.Responder(PASSWORD)
+        responder.rejected = True
         done = process.Completed(("nr",), 1, "", "Sorry, try again.")
-        message = deploy.build_failure(hr, done)
+        message = driver.build_failure(hr, done, responder)
         assert "rejected the stored password of deploy" in message
         assert "nixos-rebuild was stopped" in message and PASSWORD not in message
 
     def test_sudo_complaint_without_password(self) -> None:
         hr = host_run(vps(sudo=True))
-        hr.sudo_complaint = "sudo: a terminal is required to read the password"
-        message = deploy.build_failure(hr, process.Completed(("nr",), 1, "", "x"))
+        complaint = "sudo: a terminal is required to read the password"
+        message = driver.build_failure(hr, process.Completed(("nr",), 1, "", "x"), None, complaint)
         assert "needs a password" in message and "invoke secret set" in message
 
     def test_other_failures_show_the_tail(self) -> None:
         hr = host_run(vps(sudo=True))
-        message = deploy.build_failure(hr, process.Completed(("nr",), 1, "", "a\nerror: boom"))
+        message = driver.build_failure(hr, process.Completed(("nr",), 1, "", "a\nerror: boom"))
         assert message.endswith("exited 1:\na\nerror: boom")
 
     def test_legacy_flag_that_does_not_pass_the_password(self) -> None:
         """--use-remote-sudo with a stored password, and sudo still wanted one: the message
         says to use --sudo (nixos-rebuild-ng), not to store a password."""
         hr = host_run(vps(sudo=True, sudo_flag="--use-remote-sudo"))
-        hr.responder = process.Responder(PASSWORD, max_answers=16)
-        hr.sudo_complaint = "sudo: a terminal is required to read the password"
-        message = deploy.build_failure(hr, process.Completed(("nr",), 1, "", "x"))
+        responder = process.Responder(PASSWORD, max_answers=16)
+        complaint = "sudo: a terminal is required to read the password"
+        done = process.Completed(("nr",), 1, "", "x")
+        message = driver.build_failure(hr, done, responder, complaint)
         assert 'sudo_flag = "--sudo"' in message and "did not hand over" in message

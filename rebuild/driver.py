@@ -1,0 +1,236 @@
+"""The driver of one host's deploy: it performs the decision core's actions through the seams
+(`remote` for the host, `process` for nixos-rebuild) and feeds back what it saw. It holds no
+decision of its own: every branch is in `rebuild.core`.
+
+The heartbeat (pushing the dead-man deadline forward while nixos-rebuild runs) is a thread
+that performs the arm step and puts what it saw on a queue; the driver hands those beats to
+the core with nixos-rebuild's exit. It shares no mutable object with the driver.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from rebuild import core, hostops, process
+from rebuild.console import Console
+from rebuild.errors import RebuildError
+from rebuild.hostrun import HostRun, current_system, verify_host
+from rebuild.inventory import Loaded
+from rebuild.remote import sudo_problem
+from rebuild.results import Result
+
+log = structlog.get_logger("rebuild")
+
+RECONNECT_INTERVAL = 2.0
+MAX_STEPS = 64  # a deploy takes about ten; a bound, not a loop
+LEGACY_SUDO_PROMPTS = 16  # older nixos-rebuild asks once per ssh session; a bound, not a loop
+
+# Which contract phase (audit `timings`) each action's time counts for.
+PHASE_OF: dict[type[core.Action], str] = {
+    core.ArmTimer: "activation",
+    core.RunNixosRebuild: "activation",
+    core.CheckTimer: "activation",
+    core.ReadSystem: "activation",
+    core.CancelTimer: "verification",
+    core.Verify: "verification",
+    core.RollbackNow: "rollback",
+    core.WaitForReturn: "rollback",
+}
+
+
+@dataclass
+class Deploy:
+    """One host's deploy, driven to its Outcome."""
+
+    hr: HostRun
+    setup: core.Setup
+    loaded: Loaded
+    console: Console
+    cancel: threading.Event
+    clock: Callable[[], float] = time.monotonic
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def run(self) -> core.Outcome:
+        decision = core.start(self.setup)
+        for _ in range(MAX_STEPS):
+            for line in decision.say:
+                self.console.host_line(self.hr.name, line)
+            action = decision.next
+            if isinstance(action, core.Outcome):
+                return action
+            seen = core.Interrupt() if self.cancel.is_set() else self._timed(action)
+            log.debug("step", host=self.hr.name, action=type(action).__name__,
+                      seen=type(seen).__name__)  # fmt: skip
+            decision = core.step(self.setup, decision.state, seen)
+        return core.Outcome(Result.ERROR, f"{self.hr.name}: internal error: no outcome")
+
+    def _timed(self, action: core.Action) -> core.Observation:
+        began = self.clock()
+        try:
+            return self.perform(action)
+        finally:
+            phase = PHASE_OF[type(action)]
+            self.timings[phase] = self.timings.get(phase, 0.0) + self.clock() - began
+
+    def perform(self, action: core.Action) -> core.Observation:
+        """Do one action; a host that does not answer is an observation, not an error."""
+        try:
+            match action:
+                case core.ArmTimer():
+                    return self.arm()
+                case core.RunNixosRebuild(heartbeat=beat):
+                    return self.nixos_rebuild(beat)
+                case core.CheckTimer():
+                    result = self.hr.run(hostops.timer_state_script(self.hr.run_id), timeout=30)
+                    fired = hostops.timer_elapsed(result.stdout)
+                    return core.TimerFired() if fired else core.TimerPending()
+                case core.ReadSystem():
+                    return core.SystemIs(current_system(self.hr))
+                case core.CancelTimer():
+                    result = self.hr.run(hostops.cancel_timer_script(self.hr.run_id), timeout=30)
+                    gone, now = hostops.parse_cancel(result.stdout)
+                    return core.TimerCancelled(gone, now)
+                case core.Verify(expected=expected, boot=boot):
+                    report = verify_host(self.hr, expected, boot=boot)
+                    self.console.report(report)
+                    return core.Verified(report)
+                case core.RollbackNow(previous=previous):
+                    return self.rollback_now(previous)
+                case core.WaitForReturn(deadline=deadline, give_up=give_up):
+                    return self.wait_for_return(deadline, give_up)
+        except RebuildError as exc:
+            return core.Unreachable(str(exc))
+        raise AssertionError(f"unknown action {action!r}")  # pragma: no cover
+
+    # --- the actions ---------------------------------------------------------------------
+
+    def arm(self) -> core.TimerArmed | core.TimerFired | core.LockLost:
+        """(Re-)arm the dead-man timer, if this run still holds the host's lock."""
+        hr = self.hr
+        if hr.previous is None:  # the core arms a timer only with a known previous system
+            raise RebuildError(f"{hr.name}: the current system is unknown; no dead-man timer")
+        script = hostops.arm_timer_script(hr.run_id, hr.previous, self.setup.rollback_timeout)
+        result = hr.run(script, timeout=30)
+        if result.stdout.strip() == "fired":
+            return core.TimerFired()
+        holder = hostops.parse_lock_lost(result.stdout)
+        if holder is not None:
+            return core.LockLost(holder)
+        if not result.ok:
+            detail = (result.stderr or result.stdout).strip()[-300:]
+            raise RebuildError(f"{hr.name}: cannot arm the dead-man timer: {detail}")
+        return core.TimerArmed(self.clock())
+
+    def nixos_rebuild(self, heartbeat: bool) -> core.RebuildExited:
+        beats: queue.SimpleQueue[core.TimerArmed | core.TimerFired | core.LockLost
+                                 | core.Unreachable] = queue.SimpleQueue()  # fmt: skip
+        stop = threading.Event()
+
+        def beat() -> None:
+            interval = max(3.0, min(30.0, self.setup.rollback_timeout / 3))
+            while not stop.wait(interval):
+                try:
+                    beats.put(self.arm())
+                except RebuildError as exc:
+                    beats.put(core.Unreachable(str(exc)))
+
+        thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{self.hr.name}")
+        if heartbeat:
+            thread.start()
+        try:
+            done, failure = run_nixos_rebuild(self.hr, self.loaded, self.console, self.cancel)
+        finally:
+            stop.set()
+            if heartbeat:
+                thread.join(timeout=35)
+        seen = []
+        while not beats.empty():
+            seen.append(beats.get())
+        code = 130 if done.returncode == 130 or self.cancel.is_set() else done.returncode
+        return core.RebuildExited(code, failure, tuple(seen))
+
+    def rollback_now(self, previous: str) -> core.RolledBackTo:
+        hr = self.hr
+        result = hr.run(hostops.rollback_now_script(hr.run_id, previous), timeout=600)
+        settle = min(30.0, hr.target.settings.verify.settle_timeout)
+        again = verify_host(hr, previous, settle_timeout=settle)
+        self.console.report(again, title="after rollback")
+        return core.RolledBackTo(again, result.exited)
+
+    def wait_for_return(self, deadline: float, give_up: float) -> core.Returned | core.Interrupt:
+        """The host vanished after activation: wait for its timer to fire, then reconnect."""
+        hr = self.hr
+        hr.close()
+        give_up += hr.endpoint.connect_timeout * 3
+        while self.clock() < give_up:
+            if self.cancel.is_set():
+                return core.Interrupt()
+            if self.clock() >= deadline:
+                try:
+                    return core.Returned(current_system(hr))
+                except RebuildError:
+                    hr.close()
+            self.cancel.wait(RECONNECT_INTERVAL)
+        return core.Returned(None)
+
+
+def run_nixos_rebuild(
+    hr: HostRun, loaded: Loaded, console: Console, cancel: threading.Event
+) -> tuple[process.Completed, str]:
+    """Run the host's nixos-rebuild command, answering its sudo prompt when a password is
+    stored; returns what it did and, when it failed, why (for the operator)."""
+    from rebuild.hostrun import child_env
+
+    env = child_env(loaded, hr.target)
+    log.debug("running nixos-rebuild", host=hr.name, command=hr.command)
+    password = hr.endpoint.sudo_password
+    responder = None
+    if password is not None and hr.target.settings.sudo and hr.action != "build":
+        legacy = hr.target.settings.sudo_flag != "--sudo"
+        responder = process.Responder(password, max_answers=LEGACY_SUDO_PROMPTS if legacy else 1)
+    complaint: list[str] = []
+
+    def on_line(line: str) -> None:
+        if not complaint and line.lstrip().startswith("sudo:"):
+            complaint.append(line)
+        console.host_line(hr.name, line)
+
+    done = process.stream(hr.command, env=env, on_line=on_line, cancel=cancel, responder=responder)
+    if done.ok:
+        return done, ""
+    return done, build_failure(hr, done, responder, complaint[0] if complaint else "")
+
+
+def build_failure(
+    hr: HostRun,
+    done: process.Completed,
+    responder: process.Responder | None = None,
+    complaint: str = "",
+) -> str:
+    """Why nixos-rebuild failed, for the operator: sudo's refusal said plainly, else the tail."""
+    user = hr.target.settings.user
+    if responder is not None and responder.failed:
+        return (
+            f"{hr.name}: sudo on {hr.name} rejected the stored password of {user}; "
+            "nixos-rebuild was stopped and nothing more was tried; store the right one with "
+            f"`invoke secret set --host {hr.name}`"
+        )
+    if complaint:
+        problem = sudo_problem(hr.endpoint, complaint)
+        if problem is not None and responder is not None and "needs a password" in problem:
+            flag = hr.target.settings.sudo_flag
+            problem = (
+                f"sudo on {hr.name} asked for a password that nixos-rebuild did not hand over "
+                f"({flag}); with nixos-rebuild-ng (NixOS 25.05 and later) set "
+                f'sudo_flag = "--sudo" for {hr.name}: rebuild then passes --ask-sudo-password'
+            )
+        if problem is not None:
+            return f"{hr.name}: nixos-rebuild exited {done.returncode}: {problem}"
+    tail = "\n".join(done.stderr.splitlines()[-10:])
+    return f"{hr.name}: nixos-rebuild exited {done.returncode}:\n{tail}"
