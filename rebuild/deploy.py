@@ -21,7 +21,6 @@ from rebuild.core import Outcome, Setup
 from rebuild.driver import Deploy
 from rebuild.errors import (
     Declined,
-    GateRefused,
     Interrupted,
     RebuildError,
     VerifyFailed,
@@ -42,7 +41,6 @@ from rebuild.locks import (
     take_local_lock,
 )
 from rebuild.plan import HostPlan, Plan, batches, check_names, render_plan
-from rebuild.remote import key_is_known, unknown_key_message
 from rebuild.results import Result, most_severe
 from rebuild.verify import Check
 
@@ -424,8 +422,7 @@ def verify_only(loaded: Loaded, target: Target, console: Console, *, json_mode: 
     """`invoke verify`: the checks alone against what HEAD evaluates to."""
     hr = HostRun(target, endpoint_for(loaded, target), "verify", audit.new_run_id())
     try:
-        if not key_is_known(hr.endpoint):
-            raise GateRefused(unknown_key_message(hr.endpoint))
+        host_key_gate([hr.endpoint])
         flake = head_flake_ref(loaded)
         expected = expected_system(loaded, target, flake)
         hr.connection()

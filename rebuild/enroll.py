@@ -21,9 +21,10 @@ from pathlib import Path
 from rebuild import agekey, audit, identity, process, sopsfile
 from rebuild.console import Console
 from rebuild.errors import ConfigError, GateRefused, RebuildError, RemoteError
+from rebuild.gates import host_key_gate
 from rebuild.hostrun import endpoint_for
 from rebuild.inventory import Loaded, Target, load
-from rebuild.remote import Endpoint, Remote, key_is_known, known_host_keys, unknown_key_message
+from rebuild.remote import Endpoint, Remote, known_host_keys
 
 HOST_KEY_PATH = "/etc/ssh/ssh_host_ed25519_key.pub"
 SOPS_CONFIG = ".sops.yaml"
@@ -198,8 +199,7 @@ def _enroll(
             "local checkout: point flake at it (a path), or pass --inventory of one"
         )
     endpoint = endpoint_for(loaded, target)
-    if not key_is_known(endpoint):
-        raise GateRefused(unknown_key_message(endpoint))
+    host_key_gate([endpoint])
     key = check_against_known_hosts(endpoint, read_host_key(endpoint))
     console.say(
         f"{name}: host key {key.fingerprint} ({HOST_KEY_PATH}) matches {endpoint.known_hosts}"
