@@ -141,7 +141,7 @@ def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> Non
     for hr in runs:
         attach_sudo_password(hr)
         hr.command = nixos.nixos_rebuild_argv(
-            loaded.inventory.nixos_rebuild, hr.action, loaded.flake, hr.target,
+            loaded.nixos_rebuild_program, hr.action, loaded.flake, hr.target,
             rollback=opts.rollback_generation,
             ask_sudo_password=hr.endpoint.sudo_password is not None,
         )  # fmt: skip

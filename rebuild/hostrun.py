@@ -104,7 +104,7 @@ def child_env(loaded: Loaded, target: Target) -> dict[str, str]:
 
 
 def expected_system(loaded: Loaded, target: Target, flake: str | None = None) -> str:
-    argv = nixos.nix_eval_argv(loaded.inventory.nix, flake or loaded.flake, target.attr)
+    argv = nixos.nix_eval_argv(loaded.nix_program, flake or loaded.flake, target.attr)
     done = process.run(argv, timeout=NIX_EVAL_TIMEOUT)
     path = done.stdout.strip()
     if not done.ok or not path.startswith("/"):

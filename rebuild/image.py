@@ -181,8 +181,8 @@ def command_for(loaded: Loaded, target: Target, folder: Path) -> list[str]:
     output = target.settings.image_output
     if output is not None:
         link = str(folder / RESULT_LINK)
-        return nixos.nix_build_argv(loaded.inventory.nix, loaded.flake, output, out_link=link)
-    return nixos.build_image_argv(loaded.inventory.nixos_rebuild, loaded.flake, target)
+        return nixos.nix_build_argv(loaded.nix_program, loaded.flake, output, out_link=link)
+    return nixos.build_image_argv(loaded.nixos_rebuild_program, loaded.flake, target)
 
 
 def build(loaded: Loaded, target: Target, *, allow_dirty: bool, json_mode: bool,

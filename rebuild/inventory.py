@@ -9,7 +9,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     model_validator,
 )
@@ -29,6 +32,16 @@ from rebuild.errors import ConfigError
 
 DEFAULT_INVENTORY = "inventory.toml"
 ENV_INVENTORY = "REBUILD_INVENTORY"
+ENV_NIXOS_REBUILD = "REBUILD_NIXOS_REBUILD"
+ENV_NIX = "REBUILD_NIX"
+# The only REBUILD_* variables that may be set: which inventory, which programs. Every safety
+# setting comes from the committed inventory, so that nothing changes one without a git diff.
+ENV_ALLOWED = (ENV_INVENTORY, ENV_NIXOS_REBUILD, ENV_NIX)
+# What rebuild itself sets for the operator's hooks (a hook may run rebuild again).
+ENV_FOR_HOOKS = (
+    "REBUILD_RUN_ID", "REBUILD_HOST", "REBUILD_RESULT", "REBUILD_EXIT_CODE", "REBUILD_COMMIT",
+    "REBUILD_OPERATOR",
+)  # fmt: skip
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -44,6 +57,8 @@ _PATH_RE = re.compile(r"^[^\s'\"\\;&|$`<>(){}*?!#]+$")
 _MACHINE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _URL_RE = re.compile(r"^https?://[^\s'\"\\`]+$")
 _EXTRA_ARG_RE = re.compile(r"^[^\x00-\x1f]+$")
+_SCOPE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+MAX_INVENTORY_BYTES = 1 << 20
 
 ACTIONS = ("switch", "boot", "test", "dry-activate", "build")
 Action = Literal["switch", "boot", "test", "dry-activate", "build"]
@@ -60,8 +75,16 @@ def _check(pattern: re.Pattern[str], what: str) -> Any:
 
 def _address(value: str) -> str:
     try:
-        ipaddress.ip_address(value)
-    except ValueError:
+        ip = ipaddress.ip_address(value)
+        scope = getattr(ip, "scope_id", None)
+        if scope is not None and not _SCOPE_RE.match(scope):
+            raise ValueError(
+                f"{value!r}: an IPv6 scope id must be an interface name (letters, digits, "
+                "'.', '_', '-')"
+            )
+    except ValueError as exc:
+        if "scope id" in str(exc):
+            raise
         if not _DNS_RE.match(value):
             raise ValueError(
                 f"{value!r} is not an IP address or DNS name (letters, digits, '-', '.')"
@@ -70,9 +93,11 @@ def _address(value: str) -> str:
 
 
 def _no_bool(value: Any) -> Any:
-    """TOML `true` is not a number: refuse it instead of reading it as 1."""
+    """A number must be written as one: TOML `true` or `"22"` is refused, not read as 1 or 22."""
     if isinstance(value, bool):
         raise ValueError("must be a number, not true/false")
+    if isinstance(value, str):
+        raise ValueError("must be a number, not a string (drop the quotes)")
     return value
 
 
@@ -143,14 +168,14 @@ class HostSettings(_Strict):
     user: User = "root"
     attr: Attr | None = None
     identity_file: SafePath | None = None
-    sudo: bool = False
+    sudo: StrictBool = False
     sudo_flag: Literal["--sudo", "--use-remote-sudo"] = "--sudo"
     build_host: Annotated[str, AfterValidator(_build_host)] = ""
     action: Action = "switch"
     tags: tuple[Name, ...] = ()
     rollback_timeout: Seconds = 90
     extra_args: tuple[ExtraArg, ...] = ()
-    use_substitutes: bool = True
+    use_substitutes: StrictBool = True
     image_variant: Annotated[str, _check(_NAME_RE, "image variant")] = "linode"
     image_output: Annotated[str, _check(_OUTPUT_RE, "flake output path")] | None = None
     sops_path_regex: Annotated[str, Field(min_length=1, max_length=512)] | None = None
@@ -174,14 +199,14 @@ class Defaults(_Strict):
     port: Port | None = None
     user: User | None = None
     identity_file: SafePath | None = None
-    sudo: bool | None = None
+    sudo: StrictBool | None = None
     sudo_flag: Literal["--sudo", "--use-remote-sudo"] | None = None
     build_host: Annotated[str, AfterValidator(_build_host)] | None = None
     action: Action | None = None
     tags: tuple[Name, ...] | None = None
     rollback_timeout: Seconds | None = None
     extra_args: tuple[ExtraArg, ...] | None = None
-    use_substitutes: bool | None = None
+    use_substitutes: StrictBool | None = None
     image_variant: Annotated[str, _check(_NAME_RE, "image variant")] | None = None
     verify: VerifySpec | None = None
 
@@ -192,23 +217,18 @@ def _default_audit_log() -> str:
 
 
 class Inventory(BaseSettings):
-    """The whole inventory file, with `REBUILD_*` environment overrides."""
+    """The whole inventory file. Nothing in it can be set from the environment."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="REBUILD_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-    )
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
 
     flake: Annotated[str, Field(min_length=1, pattern=r"^[^\s'\"\\;&|$`<>]+$")] = "."
     known_hosts: SafePath = "~/.ssh/known_hosts"
     audit_log: Annotated[str, Field(min_length=1)] = Field(default_factory=_default_audit_log)
     nixos_rebuild: SafePath = "nixos-rebuild"
     nix: SafePath = "nix"
-    connect_timeout: Annotated[int, Field(ge=1, le=300)] = 10
-    lock_stale_after: Annotated[int, Field(ge=60)] = 3600
-    confirm_count_above: Annotated[int, Field(ge=1)] = 3
+    connect_timeout: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=300)] = 10
+    lock_stale_after: Annotated[int, BeforeValidator(_no_bool), Field(ge=60)] = 3600
+    confirm_count_above: Annotated[int, BeforeValidator(_no_bool), Field(ge=1)] = 3
     operators: tuple[Operator, ...] = ()
     defaults: Defaults = Defaults()
     hosts: dict[Name, HostSettings] = Field(default_factory=dict)
@@ -222,27 +242,34 @@ class Inventory(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment wins over the file: REBUILD_HOSTS__VPS__PORT=2200 overrides the port.
-        return (env_settings, init_settings)
+        # The committed file only: an environment variable must not move a safety setting
+        # (the allowlist, known_hosts, a host, its checks) without a diff in git.
+        return (init_settings,)
 
     @model_validator(mode="before")
     @classmethod
     def _apply_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        data = _fold_env_hosts(data)
         defaults = data.get("defaults")
         hosts = data.get("hosts")
+        if isinstance(hosts, dict):
+            seen: dict[str, str] = {}
+            for name in hosts:
+                twin = seen.setdefault(str(name).lower(), str(name))
+                if twin != name:
+                    raise ValueError(
+                        f"hosts {twin!r} and {name!r} differ only in case; host names are "
+                        "case-insensitive (DNS, ssh and known_hosts fold case): rename one"
+                    )
         if not isinstance(defaults, dict) or not isinstance(hosts, dict):
             return data
         known = set(HostSettings.model_fields) & set(Defaults.model_fields)
         merged = {}
+        inherited = {k: v for k, v in defaults.items() if k in known}
         for name, host in hosts.items():
-            if isinstance(host, dict):
-                inherited = {k: v for k, v in defaults.items() if k in known and k not in host}
-                merged[name] = {**inherited, **host}
-            else:
-                merged[name] = host
+            # deep: a host's [hosts.X.verify] ports keep the [defaults.verify] units
+            merged[name] = _deep_merge(inherited, host) if isinstance(host, dict) else host
         return {**data, "hosts": merged}
 
 
@@ -254,20 +281,6 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def _fold_env_hosts(data: dict[str, Any]) -> dict[str, Any]:
-    """Environment keys arrive lower-cased: REBUILD_HOSTS__WEB1__PORT must reach [hosts.Web1]."""
-    hosts = data.get("hosts")
-    if not isinstance(hosts, dict):
-        return data
-    canonical = {k.lower(): k for k in hosts if not k.islower()}
-    folded = {k: v for k, v in hosts.items() if not (k.islower() and k in canonical)}
-    for name, value in hosts.items():
-        twin = canonical.get(name) if name.islower() else None
-        if twin is not None and isinstance(value, dict) and isinstance(folded[twin], dict):
-            folded[twin] = _deep_merge(folded[twin], value)
-    return {**data, "hosts": folded}
 
 
 @dataclass(frozen=True)
@@ -300,6 +313,16 @@ class Loaded:
 
     path: Path
     inventory: Inventory
+    nixos_rebuild: str | None = None  # $REBUILD_NIXOS_REBUILD, else the inventory's
+    nix: str | None = None  # $REBUILD_NIX, else the inventory's
+
+    @property
+    def nixos_rebuild_program(self) -> str:
+        return self.nixos_rebuild or self.inventory.nixos_rebuild
+
+    @property
+    def nix_program(self) -> str:
+        return self.nix or self.inventory.nix
 
     @property
     def flake(self) -> str:
@@ -418,15 +441,57 @@ def parse(path: Path, text: str) -> Inventory:
         raise ConfigError(format_validation_error(path, exc)) from None
 
 
-def load(explicit: str | None = None) -> Loaded:
-    """Read and validate the inventory at --inventory, $REBUILD_INVENTORY or ./inventory.toml."""
-    path = inventory_path(explicit)
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse any REBUILD_* variable but the few that choose the inventory and the programs."""
+    for name in sorted(environ):
+        if name.startswith("REBUILD_") and name not in ENV_ALLOWED + ENV_FOR_HOOKS:
+            raise ConfigError(
+                f"environment variable {name} is not allowed: settings come from the committed "
+                f"inventory only (the environment may set {', '.join(ENV_ALLOWED)}); unset it "
+                "and change the inventory instead"
+            )
+
+
+def read_text(path: Path) -> str:
+    """The inventory's text: a regular file of at most 1 MiB (a FIFO or a device would hang or
+    never end), UTF-8."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: no inventory here; run from the repository root or pass --inventory PATH"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the inventory: {exc}") from None
-    return Loaded(path.resolve(), parse(path, text))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the inventory: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: the inventory must be a regular file")
+        data = handle.read(MAX_INVENTORY_BYTES + 1)
+    if len(data) > MAX_INVENTORY_BYTES:
+        raise ConfigError(f"{path}: the inventory is larger than 1 MiB; is this the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the inventory is not UTF-8 text ({exc.reason})") from None
+
+
+def load(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Loaded:
+    """Read and validate the inventory at --inventory, $REBUILD_INVENTORY or ./inventory.toml."""
+    env = os.environ if environ is None else environ
+    check_environment(env)
+    path = inventory_path(explicit)
+    loaded = Loaded(
+        path.resolve(),
+        parse(path, read_text(path)),
+        nixos_rebuild=env.get(ENV_NIXOS_REBUILD) or None,
+        nix=env.get(ENV_NIX) or None,
+    )
+    for target in loaded.targets():
+        ident = loaded.identity_file(target)
+        if ident is not None and not ident.is_file():
+            raise ConfigError(
+                f"{loaded.path}: hosts.{target.name}.identity_file: {ident} does not exist; "
+                "fix the path, or create the key (ssh-keygen -t ed25519 -f PATH)"
+            )
+    return loaded

@@ -1,6 +1,6 @@
 """Keyring backends selected explicitly by tests (never a runtime dependency of rebuild).
 
-- ``FileKeyring``: passwords in a JSON file named by ``$REBUILD_TEST_KEYRING`` (mode 0600);
+- ``FileKeyring``: passwords in a JSON file named by ``$RBTEST_KEYRING`` (mode 0600);
   a subprocess selects it with ``PYTHON_KEYRING_BACKEND=tests.keyring_backend.FileKeyring``.
 - ``MemoryKeyring``: in this process only, for ``keyring.set_keyring(MemoryKeyring())``.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from keyring.backend import KeyringBackend
 from keyring.errors import PasswordDeleteError
 
-ENV = "REBUILD_TEST_KEYRING"
+ENV = "RBTEST_KEYRING"
 
 
 class MemoryKeyring(KeyringBackend):
@@ -40,7 +40,7 @@ class MemoryKeyring(KeyringBackend):
 
 
 class FileKeyring(KeyringBackend):
-    """Passwords in the JSON file $REBUILD_TEST_KEYRING."""
+    """Passwords in the JSON file $RBTEST_KEYRING."""
 
     priority = -1  # type: ignore[assignment]  # only ever selected explicitly
 

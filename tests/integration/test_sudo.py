@@ -23,10 +23,10 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from rebuild.testbed import Testbed
-from rebuild.testbed import users as testusers
-from rebuild.testbed.procs import proc_parent
+from testbed import Testbed
+from testbed.procs import proc_parent
 from tests.integration.conftest import REPO, Deployment, config, make_deployment
+from tests.support import users as testusers
 
 FILE_BACKEND = "tests.keyring_backend.FileKeyring"
 HEADLESS_BACKEND = "keyring.backends.fail.Keyring"
@@ -78,7 +78,7 @@ def as_user(d: Deployment, user: str, *, sudo: bool) -> Deployment:
 def keyring_env(keyring_file: Path, backend: str = FILE_BACKEND) -> dict[str, str]:
     return {
         "PYTHON_KEYRING_BACKEND": backend,
-        "REBUILD_TEST_KEYRING": str(keyring_file),
+        "RBTEST_KEYRING": str(keyring_file),
         "PYTHONPATH": str(REPO),
     }
 

@@ -219,36 +219,54 @@ class TestDefaults:
         assert loaded.target("vps").attr == "linode-vps"
 
 
-class TestEnvironmentOverrides:
-    def test_nested_port_override_keeps_the_file_address(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+class TestEnvironment:
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "REBUILD_HOSTS__VPS__PORT",
+            "REBUILD_OPERATORS",
+            "REBUILD_KNOWN_HOSTS",
+            "REBUILD_AUDIT_LOG",
+            "REBUILD_FLAKE",
+            "REBUILD_CONFIRM_COUNT_ABOVE",
+            "REBUILD_HOSTS__VPS__VERIFY__COMMANDS",
+            "REBUILD_HOSTS__VPS__EXTRA_ARGS",
+            "REBUILD_HOSTS__VPS__ROLLBACK_TIMEOUT",
+            "REBUILD_anything",
+        ],
+    )
+    def test_a_setting_from_the_environment_is_refused(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
     ) -> None:
-        """REBUILD_HOSTS__VPS__PORT changes the port and nothing else of the host."""
-        monkeypatch.setenv("REBUILD_HOSTS__VPS__PORT", "2200")
-        vps = load_text(tmp_path, HOST + 'user = "deploy"\n').target("vps").settings
-        assert (vps.address, vps.port, vps.user) == ("203.0.113.10", 2200, "deploy")
+        """No safety setting can come from the environment: exit 2 naming the variable."""
+        monkeypatch.setenv(name, "x")
+        with pytest.raises(ConfigError) as caught:
+            load_text(tmp_path, HOST)
+        assert caught.value.exit_code == 2
+        assert name in str(caught.value) and "committed inventory" in str(caught.value)
 
     def test_nixos_rebuild_program_override(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """REBUILD_NIXOS_REBUILD names the program to run; the default is nixos-rebuild."""
-        assert load_text(tmp_path, HOST).inventory.nixos_rebuild == "nixos-rebuild"
+        assert load_text(tmp_path, HOST).nixos_rebuild_program == "nixos-rebuild"
         monkeypatch.setenv("REBUILD_NIXOS_REBUILD", "/opt/bin/nixos-rebuild")
-        assert load_text(tmp_path, HOST).inventory.nixos_rebuild == "/opt/bin/nixos-rebuild"
+        loaded = load_text(tmp_path, HOST)
+        assert loaded.nixos_rebuild_program == "/opt/bin/nixos-rebuild"
+        assert loaded.inventory.nixos_rebuild == "nixos-rebuild"  # the file's own value
 
     def test_nix_program_override(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """REBUILD_NIX names the nix program."""
         monkeypatch.setenv("REBUILD_NIX", "/opt/bin/nix")
-        assert load_text(tmp_path, HOST).inventory.nix == "/opt/bin/nix"
+        assert load_text(tmp_path, HOST).nix_program == "/opt/bin/nix"
 
-    def test_invalid_override_is_a_config_error(
+    def test_the_variables_rebuild_sets_for_hooks_are_allowed(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """An override with a bad value is refused with the key path, exit 2."""
-        monkeypatch.setenv("REBUILD_HOSTS__VPS__PORT", "ssh")
-        with pytest.raises(ConfigError, match=r"hosts\.vps\.port") as caught:
-            load_text(tmp_path, HOST)
-        assert caught.value.exit_code == 2
+        """A hook that runs rebuild again inherits REBUILD_RUN_ID and friends: not an error."""
+        monkeypatch.setenv("REBUILD_RUN_ID", "20261125-193000-a1b2c3")
+        monkeypatch.setenv("REBUILD_RESULT", "ok")
+        assert load_text(tmp_path, HOST).target("vps").address == "203.0.113.10"
 
     def test_rebuild_inventory_selects_the_file(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -259,14 +277,6 @@ class TestEnvironmentOverrides:
         loaded = load()
         assert loaded.path == path.resolve()
         assert loaded.target("vps").address == "203.0.113.10"
-
-    def test_override_of_a_host_named_with_capitals(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """An override reaches a host whose name has capital letters."""
-        monkeypatch.setenv("REBUILD_HOSTS__WEB1__PORT", "2200")
-        loaded = load_text(tmp_path, '[hosts.Web1]\naddress = "203.0.113.10"\n')
-        assert loaded.target("Web1").settings.port == 2200
 
 
 class TestPaths:
@@ -307,6 +317,8 @@ class TestPaths:
 
     def test_known_hosts_and_identity_resolve_against_the_inventory(self, tmp_path: Path) -> None:
         """Relative key files are next to the inventory, not the current directory."""
+        (tmp_path / "keys").mkdir()
+        (tmp_path / "keys" / "id").write_text("key", encoding="utf-8")
         loaded = load_text(
             tmp_path, 'known_hosts = "keys/known_hosts"\n' + HOST + 'identity_file = "keys/id"\n'
         )
