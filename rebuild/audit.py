@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import logging
 import os
 import secrets
+import stat
 import sys
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from rebuild.errors import ConfigError
+from rebuild.errors import ConfigError, GateRefused
 from rebuild.results import Result
 
 RESULTS = tuple(str(r) for r in Result)
@@ -74,34 +75,106 @@ class Record:
         return data
 
 
+class AuditError(GateRefused):
+    """The audit log cannot be written: refused among the gates (exit 3), loud at the end."""
+
+
+def private_dir(path: Path) -> None:
+    """Create the folder (0700) or check it: a real folder (not a link), ours, and not writable
+    by group or others, so that nobody else can swap the files rebuild writes in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = os.lstat(path)
+    except OSError as exc:
+        raise AuditError(
+            f"cannot create the state folder {path}: {exc.strerror}; create it (mkdir -p -m 700 "
+            f"{path}) or point audit_log at a folder you own"
+        ) from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise AuditError(f"the state folder {path} is not a folder (a link?); remove it")
+    if info.st_uid != os.getuid():
+        raise AuditError(
+            f"the state folder {path} belongs to uid {info.st_uid}, not to you; use a folder you "
+            "own for audit_log"
+        )
+    if info.st_mode & 0o022:
+        raise AuditError(
+            f"the state folder {path} is writable by others (mode {stat.S_IMODE(info.st_mode):o});"
+            f" fix it: chmod go-w {path}"
+        )
+
+
+def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
+    """Open (creating 0600) a state file in a private folder, never through a symlink, and only
+    if it is a regular file of ours."""
+    private_dir(path.parent)
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        why = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        raise AuditError(f"cannot open {path}: {why}; remove it or fix its permissions") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        raise AuditError(f"{path} is not a regular file of yours; remove it")
+    return fd
+
+
+def check_writable(path: Path) -> None:
+    """The audit gate: the log can be appended to (exit 3 before anything runs, if not)."""
+    os.close(open_private(path))
+
+
 def append(path: Path, record: Record) -> None:
-    """Append one JSON line under an exclusive lock; the directory is created when missing."""
+    """Append one JSON line under an exclusive lock; a partial last line left by a crash is
+    ended first, so that it cannot swallow this record."""
     line = json.dumps(redact_value(record.to_json()), sort_keys=True) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = open_private(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line.encode("utf-8"))
+        size = os.fstat(fd).st_size
+        if size:
+            reader = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                last = os.pread(reader, 1, size - 1)
+            finally:
+                os.close(reader)
+            if last != b"\n":
+                line = "\n" + line
+        data = line.encode("utf-8")
+        if os.write(fd, data) != len(data):
+            raise AuditError(f"{path}: short write (disk full?)")
         os.fsync(fd)
+    except OSError as exc:
+        raise AuditError(f"cannot append to {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
 
 
-def read(path: Path, host: str | None = None) -> list[dict[str, Any]]:
-    """Every record (oldest first), optionally of one host; broken lines are skipped."""
+def read(path: Path, host: str | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Every record (oldest first), optionally of one host, and how many lines could not be
+    read (broken JSON, not UTF-8): they are skipped."""
     records: list[dict[str, Any]] = []
+    skipped = 0
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
     except FileNotFoundError:
-        return records
+        return records, 0
     except OSError as exc:
-        raise ConfigError(f"cannot read the audit log {path}: {exc}") from None
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            data = json.loads(line)
-            if isinstance(data, dict) and (host is None or data.get("host") == host):
-                records.append(data)
-    return records
+        raise ConfigError(f"cannot read the audit log {path}: {exc.strerror}") from None
+    for chunk in raw.splitlines():
+        if not chunk.strip():
+            continue
+        try:
+            data = json.loads(chunk.decode("utf-8"))
+        except ValueError:
+            skipped += 1
+            continue
+        if not isinstance(data, dict):
+            skipped += 1
+        elif host is None or data.get("host") == host:
+            records.append(data)
+    return records, skipped
 
 
 def redact_value(value: Any) -> Any:

@@ -74,10 +74,12 @@ def history(inventory: str | None, host: str | None, json_mode: bool, limit: int
     loaded = load(inventory)
     if host is not None:
         loaded.target(host)
-    records = audit.read(loaded.audit_log, host)
+    records, skipped = audit.read(loaded.audit_log, host)
     if limit > 0:
         records = records[-limit:]
     console = Console(json_mode=json_mode)
+    if skipped:
+        console.notice(f"warning: {loaded.audit_log}: {skipped} unreadable line(s) skipped")
     if json_mode:
         for record in records:
             console.json(record)
@@ -88,3 +90,13 @@ def history(inventory: str | None, host: str | None, json_mode: bool, limit: int
     for line in audit.iter_summary(records):
         console.say(line)
     return 0
+
+
+def status(inventory: str | None, hosts: list[str], tags: list[str], every: bool,
+           json_mode: bool) -> int:  # fmt: skip
+    """`invoke status`: no selection means every host."""
+    from rebuild import status as fleet_status
+
+    loaded = load(inventory)
+    targets = loaded.select(hosts, tags, every or not (hosts or tags))
+    return fleet_status.run(loaded, targets, Console(json_mode=json_mode), json_mode=json_mode)

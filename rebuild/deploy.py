@@ -5,6 +5,7 @@ one audit record per host whatever happens."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from rebuild import audit, gitstate, hostops, identity, nixos
+from rebuild import audit, gitstate, hooks, hostops, identity, nixos
 from rebuild import sudo_keyring as sudo_secrets
 from rebuild.console import Console
 from rebuild.core import Outcome, Setup
@@ -30,7 +31,9 @@ from rebuild.hostrun import (
     HostRun,
     endpoint_for,
     expected_system,
+    locked_flake,
     previous_generation,
+    remove_control_dir,
     verify_host,
 )
 from rebuild.inventory import Loaded, Target
@@ -76,6 +79,7 @@ class Run:
     operator: str = ""
     state: gitstate.GitState | None = None
     overrides: tuple[str, ...] = ()
+    flake: str = ""  # the flake reference used (a remote one pinned to its revision)
 
     @property
     def operator_record(self) -> dict[str, str]:
@@ -91,14 +95,31 @@ def rebuild(loaded: Loaded, targets: list[Target], opts: Options, console: Conso
                 run.run_id)
         for target in targets
     ]  # fmt: skip
+    structlog.contextvars.bind_contextvars(run_id=run.run_id)
+    if os.environ.get("NIX_SSHOPTS"):
+        console.notice(
+            "warning: NIX_SSHOPTS from the environment is ignored: rebuild sets nixos-rebuild's "
+            "ssh options from the inventory alone"
+        )
+    code = 1
+    try:
+        code = run_hosts(run, runs, loaded, opts, console)
+    finally:
+        audited = finish(run, runs, loaded, opts, console)
+    return code if audited else most_severe([code, 1])
+
+
+def run_hosts(
+    run: Run, runs: list[HostRun], loaded: Loaded, opts: Options, console: Console
+) -> int:
+    """Gates, locks, plan, confirmation and the rollout; every host gets an Outcome."""
     cancel = threading.Event()
     changing = False  # has any host started to change?
-    structlog.contextvars.bind_contextvars(run_id=run.run_id)
     try:
         prepare(run, runs, loaded, opts)
         if not opts.dry_run:
             lock(run, runs, loaded, opts)
-        plan = make_plan(run, runs, opts, loaded.flake)
+        plan = make_plan(run, runs, opts, run.flake or loaded.flake)
         console.say(render_plan(plan))
         if opts.dry_run:
             console.say("\n--dry-run: stopping after the plan; nothing was run on any host.")
@@ -126,22 +147,22 @@ def rebuild(loaded: Loaded, targets: list[Target], opts: Options, console: Conso
     except Exception as exc:  # a bug: still one record per host, then the traceback-free report
         end_all(runs, RebuildError(f"internal error: {type(exc).__name__}: {exc}"))
         raise
-    finally:
-        finish(run, runs, loaded, opts, console)
 
 
 def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> None:
     """The gates, the command lines, and what each host must end on."""
+    audit.check_writable(loaded.audit_log)
     run.operator = operator_gate(loaded, run.me)
     run.state = gitstate.read(loaded.flake_dir) if loaded.flake_dir else None
     overrides = git_gate(run.state, opts.allow_dirty)
     overrides += [] if opts.verify else ["no-verify"]
     overrides += [] if opts.rollback else ["no-rollback"]
     run.overrides = tuple(overrides)
+    run.flake = locked_flake(loaded)
     for hr in runs:
         attach_sudo_password(hr)
         hr.command = nixos.nixos_rebuild_argv(
-            loaded.nixos_rebuild_program, hr.action, loaded.flake, hr.target,
+            loaded.nixos_rebuild_program, hr.action, run.flake, hr.target,
             rollback=opts.rollback_generation,
             ask_sudo_password=hr.endpoint.sudo_password is not None,
         )  # fmt: skip
@@ -149,7 +170,7 @@ def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> Non
     terminal_gate(yes=opts.yes, dry_run=opts.dry_run)
     if not opts.rollback_generation:
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-            paths = list(pool.map(lambda h: expected_system(loaded, h.target), runs))
+            paths = list(pool.map(lambda h: expected_system(loaded, h.target, run.flake), runs))
         for hr, path in zip(runs, paths, strict=True):
             hr.expected = path
 
@@ -198,8 +219,10 @@ def end_all(runs: list[HostRun], exc: RebuildError) -> None:
 
 
 def finish(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
-           console: Console) -> None:  # fmt: skip
-    """Release what the run holds and write one audit record per host (and the JSON)."""
+           console: Console) -> bool:  # fmt: skip
+    """Release what the run holds and write one audit record per host (and the JSON); False
+    when a record could not be written (it is then shown on stderr, never lost silently)."""
+    audited = True
     # all held host locks at once: a refused or declined fleet run must not pay a round
     # trip per host, one host after the other, before it exits (the loop below retries)
     with contextlib.suppress(Exception):
@@ -208,14 +231,20 @@ def finish(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
         release_remote_lock(hr)
         release_local_lock(hr.local_lock)
         hr.close()
+        rec = record(run, hr, loaded, opts)
         try:
-            audit.append(loaded.audit_log, record(run, hr, loaded, opts))
-        except OSError as exc:
-            console.error(f"cannot write the audit record to {loaded.audit_log}: {exc}")
+            audit.append(loaded.audit_log, rec)
+        except RebuildError as exc:
+            audited = False
+            console.error(f"the audit record of {hr.name} was not written: {exc}; it follows")
+            console.notice(json.dumps(audit.redact_value(rec.to_json()), sort_keys=True))
+        hooks.run_hooks(loaded, rec, console)
+    remove_control_dir()
     if opts.json:
         for hr in runs:
             console.json(host_json(hr))
     structlog.contextvars.clear_contextvars()
+    return audited
 
 
 def outcome_of(hr: HostRun) -> Outcome:
@@ -231,7 +260,7 @@ def record(run: Run, hr: HostRun, loaded: Loaded, opts: Options) -> audit.Record
         host=hr.name,
         address=hr.target.address,
         action=hr.action,
-        flake=loaded.flake,
+        flake=run.flake or loaded.flake,
         attr=hr.target.attr,
         operator=run.operator_record,
         event="rollback" if opts.rollback_generation else "rebuild",
@@ -451,5 +480,5 @@ def head_flake_ref(loaded: Loaded) -> str:
         return loaded.flake
     state = gitstate.read(loaded.flake_dir)
     if state.is_repo and state.dirty and state.commit:
-        return f"git+file://{loaded.flake}?rev={state.commit}"
+        return f"git+file://{loaded.flake_dir}?rev={state.commit}"
     return loaded.flake

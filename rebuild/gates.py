@@ -10,7 +10,7 @@ from rebuild import gitstate, identity
 from rebuild.console import stdin_is_terminal
 from rebuild.errors import GateRefused
 from rebuild.inventory import Loaded
-from rebuild.remote import Endpoint, key_is_known, unknown_key_message
+from rebuild.remote import Endpoint, host_key_problem
 
 
 def operator_gate(loaded: Loaded, me: identity.Identity) -> str:
@@ -51,8 +51,9 @@ def host_key_gate(endpoints: Iterable[Endpoint]) -> None:
     """Refuse a host whose key is not in the inventory's known_hosts (checked again, strictly,
     on every connection)."""
     for endpoint in endpoints:
-        if not key_is_known(endpoint):
-            raise GateRefused(unknown_key_message(endpoint))
+        problem = host_key_problem(endpoint)
+        if problem is not None:
+            raise GateRefused(problem)
 
 
 def terminal_gate(*, yes: bool, dry_run: bool) -> None:

@@ -3,11 +3,13 @@ from it (what it runs, what HEAD evaluates to, the verification checks)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from rebuild import facts, hostops, nixos, process
 from rebuild.core import Outcome
@@ -35,7 +37,7 @@ class HostRun:
     overrides: list[str] = field(default_factory=list)  # this host's own (e.g. break-lock)
     remote: Remote | None = None
     remote_locked: bool = False
-    local_lock: IO[str] | None = None
+    local_lock: int | None = None  # the flock'd file descriptor
     outcome: Outcome | None = None
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -89,17 +91,30 @@ def ssh_settings(loaded: Loaded, target: Target) -> nixos.SshSettings:
     )
 
 
+_control: list[Path] = []
+
+
 def control_dir() -> Path:
-    """A short private folder for ssh's ControlPath sockets (unix socket paths are short)."""
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
-    path = base / f"rebuild-ssh-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
+    """A private folder for ssh's ControlPath sockets, new for this process (mkdtemp: mode
+    0700, a fresh name, never a folder another user made or could swap); unix socket paths are
+    short, so it lives in $XDG_RUNTIME_DIR or /tmp."""
+    if not _control:
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+        if not Path(base).is_dir():
+            base = "/tmp"
+        _control.append(Path(tempfile.mkdtemp(prefix="rb-ssh-", dir=base)))
+    return _control[0]
+
+
+def remove_control_dir() -> None:
+    """At the end of a run: the sockets go with their folder (masters exit when idle)."""
+    while _control:
+        shutil.rmtree(_control.pop(), ignore_errors=True)
 
 
 def child_env(loaded: Loaded, target: Target) -> dict[str, str]:
     env = dict(os.environ)
-    env["NIX_SSHOPTS"] = nixos.nix_sshopts(ssh_settings(loaded, target), env.get("NIX_SSHOPTS", ""))
+    env["NIX_SSHOPTS"] = nixos.nix_sshopts(ssh_settings(loaded, target))
     return env
 
 
@@ -111,6 +126,27 @@ def expected_system(loaded: Loaded, target: Target, flake: str | None = None) ->
         tail = " ".join(done.stderr.strip().splitlines()[-3:]) or f"exit {done.returncode}"
         raise BuildFailed(f"{target.name}: cannot evaluate {target.attr}: {tail}")
     return path
+
+
+def locked_flake(loaded: Loaded) -> str:
+    """The flake reference a run uses: a local flake as it is (the git gate covers it); a remote
+    one pinned to the revision it resolves to now, so that what was evaluated and shown in the
+    plan is what nixos-rebuild builds."""
+    if loaded.flake_dir is not None:
+        return loaded.flake
+    done = process.run(nixos.flake_metadata_argv(loaded.nix_program, loaded.flake), timeout=120)
+    try:
+        metadata = json.loads(done.stdout) if done.ok else None
+    except ValueError:
+        metadata = None
+    locked = nixos.locked_flake_ref(loaded.flake, metadata) if isinstance(metadata, dict) else None
+    if locked is None:
+        tail = " ".join(done.stderr.strip().splitlines()[-2:]) or "no revision in its metadata"
+        raise GateRefused(
+            f"cannot pin the remote flake {loaded.flake} to a revision ({tail}); fix the URL, "
+            "or name a revision in it (?rev=...)"
+        )
+    return locked
 
 
 def gather(hr: HostRun, *, boot: bool) -> facts.Facts:

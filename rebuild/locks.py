@@ -8,44 +8,41 @@ import fcntl
 import os
 import time
 from pathlib import Path
-from typing import IO
 
 import structlog
 
-from rebuild import hostops, identity
+from rebuild import audit, hostops, identity
 from rebuild.errors import GateRefused, RebuildError, RemoteError
 from rebuild.hostrun import HostRun
 
 log = structlog.get_logger("rebuild")
 
 
-def take_local_lock(state_dir: Path, host: str, run_id: str) -> IO[str]:
-    """A per-host lock on this machine (flock): one deploy of a host at a time from here."""
-    lock_dir = state_dir / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    handle = (lock_dir / f"{host}.lock").open("a+", encoding="utf-8")
+def take_local_lock(state_dir: Path, host: str, run_id: str) -> int:
+    """A per-host lock on this machine (flock): one deploy of a host at a time from here. The
+    lock file is private (0600, in a private folder) and never opened through a symlink."""
+    audit.private_dir(state_dir)
+    fd = audit.open_private(state_dir / "locks" / f"{host}.lock", os.O_RDWR)
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another rebuild process"
-        handle.close()
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
         raise GateRefused(
-            f"{host} is locked on this machine by {holder}; wait for it to finish"
+            f"{host} is locked on this machine by {holder or 'another rebuild process'}; "
+            "wait for it to finish"
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"run {run_id} (pid {os.getpid()})")
-    handle.flush()
-    return handle
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"run {run_id} (pid {os.getpid()})".encode(), 0)
+    return fd
 
 
-def release_local_lock(handle: IO[str] | None) -> None:
-    if handle is None:
+def release_local_lock(fd: int | None) -> None:
+    if fd is None:
         return
     with contextlib.suppress(OSError):
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        handle.close()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:

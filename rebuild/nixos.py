@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,32 @@ def nix_eval_argv(nix: str, flake: str, attr: str) -> list[str]:
     return [nix, *EXPERIMENTAL, "eval", "--raw", toplevel_attr(flake, attr)]
 
 
+def flake_metadata_argv(nix: str, flake: str) -> list[str]:
+    """`nix flake metadata --json`: where a remote flake's reference resolves to now."""
+    return [nix, *EXPERIMENTAL, "flake", "metadata", "--json", flake]
+
+
+def locked_flake_ref(flake: str, metadata: dict[str, object]) -> str | None:
+    """The flake reference pinned to the revision `nix flake metadata --json` resolved, so that
+    evaluation and nixos-rebuild build exactly the same thing (None: nothing to pin to).
+
+    Nix prints `lockedUrl` (before 2.20) or `url` (later) with the revision in it, and
+    `locked.rev` / `revision`; a URL that already names a rev is kept as it is."""
+    if re.search(r"[?&]rev=[0-9a-f]{40}\b", flake):
+        return flake
+    for key in ("lockedUrl", "url"):
+        value = metadata.get(key)
+        if isinstance(value, str) and re.search(r"[?&/]rev=[0-9a-f]{40}\b|/[0-9a-f]{40}\b", value):
+            return value
+    locked = metadata.get("locked")
+    rev = metadata.get("revision") or (locked.get("rev") if isinstance(locked, dict) else None)
+    if not isinstance(rev, str) or not re.fullmatch(r"[0-9a-f]{40}", rev):
+        return None
+    base, sep, fragment = flake.partition("#")
+    joiner = "&" if "?" in base else "?"
+    return f"{base}{joiner}rev={rev}" + (sep + fragment if sep else "")
+
+
 def nix_build_argv(nix: str, flake: str, output: str, *, out_link: str | None = None) -> list[str]:
     """`nix build` of a named flake output (an image), printing its store path; with `out_link`
     the result link (a GC root) is made there instead of none."""
@@ -42,13 +69,18 @@ def nix_build_argv(nix: str, flake: str, output: str, *, out_link: str | None = 
 
 
 def ssh_options(ssh: SshSettings) -> list[str]:
-    """ssh options, strict first: ssh keeps the first value of a repeated `-o`."""
+    """ssh options, strict first: ssh keeps the first value of a repeated `-o`. `-F none`: no
+    ssh_config (the operator's or the system's) can redirect or weaken this ssh; the host's
+    address, port, user and key come from the inventory only, as on rebuild's own SSH path."""
     opts = [
+        "-F", "none",
         "-o", "StrictHostKeyChecking=yes",
         "-o", f"UserKnownHostsFile={ssh.known_hosts}",
         "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "UpdateHostKeys=no",
         "-o", "BatchMode=yes",
+        "-o", "KnownHostsCommand=none",
+        "-o", "VerifyHostKeyDNS=no",
         "-o", f"ConnectTimeout={ssh.connect_timeout}",
         "-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
         "-o", f"ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}",
@@ -65,10 +97,11 @@ def ssh_options(ssh: SshSettings) -> list[str]:
     return opts
 
 
-def nix_sshopts(ssh: SshSettings, inherited: str = "") -> str:
-    """NIX_SSHOPTS: rebuild's options first, then the operator's own (they cannot weaken ours)."""
-    ours = shlex.join(ssh_options(ssh))
-    return f"{ours} {inherited}".strip()
+def nix_sshopts(ssh: SshSettings) -> str:
+    """NIX_SSHOPTS: rebuild's options only. An inherited NIX_SSHOPTS is dropped: options rebuild
+    does not set itself (HostKeyAlias, ProxyCommand, KnownHostsCommand, ...) could redirect
+    nixos-rebuild's ssh to another machine while the gates checked this one."""
+    return shlex.join(ssh_options(ssh))
 
 
 def nixos_rebuild_argv(

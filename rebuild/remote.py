@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import shlex
 import socket
 from collections.abc import Sequence
@@ -17,6 +18,11 @@ from invoke.exceptions import CommandTimedOut
 from paramiko.hostkeys import HostKeyEntry, HostKeys
 
 from rebuild.errors import GateRefused, RemoteError
+
+# paramiko logs a handshake that fails (a port that does not speak SSH) with a traceback
+# through the logging module's last-resort handler; rebuild reports it as one line instead.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 
 @dataclass(frozen=True)
@@ -53,22 +59,42 @@ class Endpoint:
         return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
 
 
-def known_host_keys(path: Path) -> tuple[HostKeys, list[str]]:
-    """Parse known_hosts; lines paramiko cannot use (@cert-authority, wildcards) are reported."""
+@dataclass(frozen=True)
+class KnownHosts:
+    """The inventory's known_hosts as rebuild trusts it: plain keys by host name, `@revoked`
+    keys (never accepted, for any host), and the names that have `@cert-authority` lines."""
+
+    keys: HostKeys
+    revoked: frozenset[str]  # base64 key blobs
+    cert_authority_for: tuple[str, ...]
+    skipped: tuple[str, ...]
+
+
+def read_known_hosts(path: Path) -> KnownHosts:
+    """Parse known_hosts as OpenSSH would for rebuild's hosts; lines paramiko cannot use
+    (wildcards, hashed patterns with markers) are reported."""
     keys = HostKeys()
     skipped: list[str] = []
+    revoked: set[str] = set()
+    authorities: list[str] = []
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        return keys, skipped
+        return KnownHosts(keys, frozenset(), (), ())
     except OSError as exc:
-        raise GateRefused(f"cannot read known_hosts {path}: {exc}") from None
+        raise GateRefused(f"cannot read known_hosts {path}: {exc.strerror}") from None
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("@"):
-            skipped.append(f"{path}:{lineno}: {line.split()[0]} lines are not supported")
+            words = line.split()
+            if words[0] == "@revoked" and len(words) >= 4:
+                revoked.add(words[3])
+            elif words[0] == "@cert-authority" and len(words) >= 2:
+                authorities.extend(words[1].split(","))
+            else:
+                skipped.append(f"{path}:{lineno}: malformed {words[0]} line")
             continue
         try:
             entry = HostKeyEntry.from_line(line, lineno)
@@ -83,31 +109,74 @@ def known_host_keys(path: Path) -> tuple[HostKeys, list[str]]:
                 skipped.append(f"{path}:{lineno}: wildcard pattern {name!r} is not supported")
                 continue
             keys.add(name, entry.key.get_name(), entry.key)
-    return keys, skipped
+    return KnownHosts(keys, frozenset(revoked), tuple(authorities), tuple(skipped))
+
+
+def known_host_keys(path: Path) -> tuple[HostKeys, list[str]]:
+    """The plain keys of known_hosts and the lines that were not used."""
+    known = read_known_hosts(path)
+    return known.keys, list(known.skipped)
 
 
 def key_is_known(endpoint: Endpoint) -> bool:
-    """The local half of the host-key gate: is there any key for this host in known_hosts?"""
-    keys, _ = known_host_keys(endpoint.known_hosts)
-    return keys.lookup(endpoint.key_name) is not None
+    """The local half of the host-key gate: is there any key for this host in known_hosts
+    that is not revoked? (A host vouched for only by a certificate authority is refused with
+    its own message by `host_key_problem`.)"""
+    return host_key_problem(endpoint) is None
+
+
+def host_key_problem(endpoint: Endpoint) -> str | None:
+    """Why the host-key gate refuses this host before connecting, or None."""
+    known = read_known_hosts(endpoint.known_hosts)
+    if {endpoint.key_name, endpoint.address} & set(known.cert_authority_for):
+        return (
+            f"{endpoint.known_hosts} vouches for {endpoint.name} ({endpoint.key_name}) with an "
+            "@cert-authority line, which rebuild does not support (its SSH library cannot check "
+            "host certificates); pin the host's own key instead: "
+            + keyscan_hint(endpoint)
+        )
+    by_type = known.keys.lookup(endpoint.key_name)
+    if by_type is None:
+        return unknown_key_message(endpoint)
+    usable = [key for key in by_type.values() if key.get_base64() not in known.revoked]
+    if not usable:
+        return (
+            f"every key of {endpoint.name} ({endpoint.key_name}) in {endpoint.known_hosts} is "
+            "marked @revoked; verify the host's new key out of band and pin it"
+        )
+    return None
+
+
+def keyscan_hint(endpoint: Endpoint) -> str:
+    """The command that adds the host's key (to be run only after checking its fingerprint)."""
+    argv = ["ssh-keyscan"]
+    if endpoint.port != 22:
+        argv += ["-p", str(endpoint.port)]
+    argv.append(endpoint.address)
+    return f"{shlex.join(argv)} >> {shlex.quote(str(endpoint.known_hosts))}"
 
 
 def unknown_key_message(endpoint: Endpoint) -> str:
-    port = f"-p {endpoint.port} " if endpoint.port != 22 else ""
     return (
         f"host key of {endpoint.name} ({endpoint.key_name}) is not in {endpoint.known_hosts}; "
         f"verify its fingerprint out of band (provider console: ssh-keygen -lf "
-        f"/etc/ssh/ssh_host_ed25519_key.pub), then add it: ssh-keyscan {port}{endpoint.address} "
-        f">> {endpoint.known_hosts}"
+        f"/etc/ssh/ssh_host_ed25519_key.pub), then add it: {keyscan_hint(endpoint)}"
     )
 
 
 def changed_key_message(endpoint: Endpoint) -> str:
+    remove = shlex.join(["ssh-keygen", "-R", endpoint.key_name, "-f", str(endpoint.known_hosts)])
     return (
         f"HOST KEY CHANGED for {endpoint.name} ({endpoint.key_name}): the key it offers differs "
         f"from {endpoint.known_hosts}; this may be an attack or a reinstalled host. Verify the "
-        f"new fingerprint out of band, then replace the entry (ssh-keygen -R '{endpoint.key_name}' "
-        f"-f {endpoint.known_hosts})"
+        f"new fingerprint out of band, then replace the entry ({remove})"
+    )
+
+
+def revoked_key_message(endpoint: Endpoint) -> str:
+    return (
+        f"{endpoint.name} ({endpoint.key_name}) offers a host key that {endpoint.known_hosts} "
+        "marks @revoked; refusing to connect. Verify the host out of band"
     )
 
 
@@ -116,7 +185,10 @@ class Remote:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        config = Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
+        # lazy: no /etc/fabric.yml, ~/.fabric.yaml or ~/.fabric.py (code!) is read; no ssh_config
+        config = Config(
+            overrides={"load_ssh_configs": False, "run": {"in_stream": False}}, lazy=True
+        )
         connect_kwargs: dict[str, object] = {
             "banner_timeout": endpoint.connect_timeout,
             "auth_timeout": endpoint.connect_timeout,
@@ -132,13 +204,15 @@ class Remote:
             config=config,
             connect_timeout=endpoint.connect_timeout,
             connect_kwargs=connect_kwargs,
+            gateway=None,
         )
         # Fabric installs AutoAddPolicy unconditionally: trust only the inventory's known_hosts.
-        keys, _ = known_host_keys(endpoint.known_hosts)
+        self.known = read_known_hosts(endpoint.known_hosts)
         client_keys = self.conn.client.get_host_keys()
-        for hostname, by_type in keys.items():
+        for hostname, by_type in self.known.keys.items():
             for keytype, key in by_type.items():
-                client_keys.add(hostname, keytype, key)
+                if key.get_base64() not in self.known.revoked:
+                    client_keys.add(hostname, keytype, key)
         self.conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
 
     def open(self) -> Remote:
@@ -146,6 +220,9 @@ class Remote:
             self.conn.open()
             transport = self.conn.client.get_transport()
             if transport is not None:
+                if transport.get_remote_server_key().get_base64() in self.known.revoked:
+                    self.close()
+                    raise GateRefused(revoked_key_message(self.endpoint))
                 transport.set_keepalive(5)
         except paramiko.BadHostKeyException:
             self.close()

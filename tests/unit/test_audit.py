@@ -11,8 +11,17 @@ from typing import Any
 
 import pytest
 
-from rebuild.audit import Record, append, iter_summary, new_run_id, read, redact, redact_value
-from rebuild.errors import ConfigError
+from rebuild.audit import (
+    Record,
+    append,
+    check_writable,
+    iter_summary,
+    new_run_id,
+    read,
+    redact,
+    redact_value,
+)
+from rebuild.errors import ConfigError, GateRefused
 from rebuild.verify import Check
 
 CONTRACT_FIELDS = {
@@ -74,7 +83,7 @@ class TestAppendAndRead:
         second = record(host="web", result="refused", exit_code=3)
         append(log, first)
         append(log, second)
-        back = read(log)
+        back = read(log)[0]
         assert [(r["host"], r["result"], r["exit_code"]) for r in back] == [
             ("vps", "ok", 0),
             ("web", "refused", 3),
@@ -95,8 +104,8 @@ class TestAppendAndRead:
         log = tmp_path / "audit.jsonl"
         for host in ("vps", "web", "vps"):
             append(log, record(host=host))
-        assert [r["host"] for r in read(log, host="vps")] == ["vps", "vps"]
-        assert read(log, host="lab") == []
+        assert [r["host"] for r in read(log, host="vps")[0]] == ["vps", "vps"]
+        assert read(log, host="lab")[0] == []
 
     def test_broken_lines_are_skipped(self, tmp_path: Path) -> None:
         """A truncated or foreign line does not hide the good records around it."""
@@ -105,16 +114,65 @@ class TestAppendAndRead:
         with log.open("a", encoding="utf-8") as handle:
             handle.write('{"run_id": "cut short\n[1, 2]\n\n')
         append(log, record(host="web"))
-        assert [r["host"] for r in read(log)] == ["vps", "web"]
+        assert [r["host"] for r in read(log)[0]] == ["vps", "web"]
+
+    def test_a_partial_last_line_does_not_swallow_the_next_record(self, tmp_path: Path) -> None:
+        """A crash left half a line: the next append ends it first, so its record survives
+        (and the broken line is counted, not read)."""
+        log = tmp_path / "audit.jsonl"
+        append(log, record(host="vps"))
+        with log.open("a", encoding="utf-8") as handle:
+            handle.write('{"run_id": "cut sho')
+        append(log, record(host="web"))
+        records, skipped = read(log)
+        assert [r["host"] for r in records] == ["vps", "web"] and skipped == 1
+
+    def test_lines_that_are_not_utf8_are_skipped_and_counted(self, tmp_path: Path) -> None:
+        """`invoke history` on a log with garbage bytes shows the good records and counts the
+        rest, instead of failing."""
+        log = tmp_path / "audit.jsonl"
+        append(log, record(host="vps"))
+        with log.open("ab") as handle:
+            handle.write(b"\xff\xfe garbage\n")
+        append(log, record(host="web"))
+        records, skipped = read(log)
+        assert [r["host"] for r in records] == ["vps", "web"] and skipped == 1
+
+    @pytest.mark.parametrize("target", ["symlink", "devnull", "folder"])
+    def test_a_log_that_is_not_a_plain_file_is_refused(self, tmp_path: Path, target: str) -> None:
+        """The audit log through a symlink (another file would grow), /dev/null (records lost)
+        or a folder: refused among the gates (exit 3), nothing written anywhere."""
+        log = tmp_path / "audit.jsonl"
+        victim = tmp_path / "victim"
+        victim.write_text("precious\n", encoding="utf-8")
+        if target == "symlink":
+            log.symlink_to(victim)
+        elif target == "devnull":
+            log.symlink_to("/dev/null")
+        else:
+            log.mkdir()
+        with pytest.raises(GateRefused) as caught:
+            check_writable(log)
+        assert caught.value.exit_code == 3 and str(log) in str(caught.value)
+        with pytest.raises(GateRefused):
+            append(log, record())
+        assert victim.read_text(encoding="utf-8") == "precious\n"
+
+    def test_a_state_folder_that_cannot_be_created_is_refused(self, tmp_path: Path) -> None:
+        """A state folder under a file: exit 3 with the mkdir that would fix it."""
+        (tmp_path / "file").write_text("", encoding="utf-8")
+        with pytest.raises(GateRefused, match="mkdir -p -m 700") as caught:
+            check_writable(tmp_path / "file" / "rebuild" / "audit.jsonl")
+        assert caught.value.exit_code == 3
 
     def test_missing_log_is_empty(self, tmp_path: Path) -> None:
         """No audit log yet means no history, not an error."""
-        assert read(tmp_path / "none.jsonl") == []
+        assert read(tmp_path / "none.jsonl")[0] == []
 
     def test_unreadable_log_is_a_config_error(self, tmp_path: Path) -> None:
         """An audit_log path that is a folder is reported (exit 2) with the path."""
         with pytest.raises(ConfigError, match=str(tmp_path)) as caught:
-            read(tmp_path)
+            read(tmp_path)[0]
         assert caught.value.exit_code == 2
 
     def test_file_and_folder_are_private(self, tmp_path: Path) -> None:
@@ -136,7 +194,7 @@ class TestRecordJson:
             expected_system="/nix/store/x-nixos-system-vps", result="ok", exit_code=0,
             checks=checks, duration_s=12.5,
         ))  # fmt: skip
-        (data,) = read(log)
+        (data,) = read(log)[0]
         assert set(data) >= CONTRACT_FIELDS
         assert data["operator"] == OPERATOR
         assert data["checks"] == [{"name": "ssh", "ok": True, "detail": "host answers"}]
@@ -168,7 +226,7 @@ class TestRedaction:
         text = log.read_text(encoding="utf-8")
         for secret in ("hunter2", "ghp_abcdef", "s3cr3t"):
             assert secret not in text
-        (data,) = read(log)
+        (data,) = read(log)[0]
         assert data["sudo_password"] == "[redacted]"
         assert data["auth"] == {"Token": "[redacted]", "user": "root"}
         assert data["steps"] == [{"secret": "[redacted]"}]

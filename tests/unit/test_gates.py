@@ -169,7 +169,7 @@ class TestLocalLock:
             assert "vps" in str(caught.value)
             assert f"run 20261125-193000-a1b2c3 (pid {os.getpid()})" in str(caught.value)
         finally:
-            first.close()
+            release_local_lock(first)
 
     def test_release_makes_it_takeable_again(self, tmp_path: Path) -> None:
         """After the holder releases, the next run takes the lock and is recorded as holder."""
@@ -186,9 +186,30 @@ class TestLocalLock:
         vps = take_local_lock(tmp_path, "vps", "run-1")
         web = take_local_lock(tmp_path, "web", "run-1")
         for handle in (vps, web):
-            handle.close()
+            release_local_lock(handle)
 
     def test_lock_folder_is_private(self, tmp_path: Path) -> None:
         """The lock folder is created 0700."""
-        take_local_lock(tmp_path / "state", "vps", "run-1").close()
+        release_local_lock(take_local_lock(tmp_path / "state", "vps", "run-1"))
         assert (tmp_path / "state" / "locks").stat().st_mode & 0o777 == 0o700
+        assert (tmp_path / "state" / "locks" / "vps.lock").stat().st_mode & 0o777 == 0o600
+
+    def test_lock_file_through_a_symlink_is_refused(self, tmp_path: Path) -> None:
+        """A lock file that is a symlink (to a file someone wants truncated) is refused (exit 3)
+        and the file it points to is untouched."""
+        victim = tmp_path / "victim"
+        victim.write_text("precious\n", encoding="utf-8")
+        (tmp_path / "state" / "locks").mkdir(parents=True, mode=0o700)
+        (tmp_path / "state" / "locks" / "vps.lock").symlink_to(victim)
+        with pytest.raises(GateRefused, match="symlink"):
+            take_local_lock(tmp_path / "state", "vps", "run-1")
+        assert victim.read_text(encoding="utf-8") == "precious\n"
+
+    def test_a_world_writable_state_folder_is_refused(self, tmp_path: Path) -> None:
+        """A state folder others can write to (they could swap the files) is refused, with the
+        chmod that fixes it."""
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700)
+        state.chmod(0o777)
+        with pytest.raises(GateRefused, match="chmod go-w"):
+            take_local_lock(state, "vps", "run-1")

@@ -158,7 +158,7 @@ class TestNixosRebuildArgv:
 class TestSshOptions:
     def test_strict_host_key_checking_comes_first(self) -> None:
         """StrictHostKeyChecking=yes is the very first option (ssh keeps the first value)."""
-        assert ssh_options(ssh())[:2] == ["-o", "StrictHostKeyChecking=yes"]
+        assert ssh_options(ssh())[2:4] == ["-o", "StrictHostKeyChecking=yes"]
 
     def test_known_hosts_is_the_inventory_file(self) -> None:
         """UserKnownHostsFile is the inventory's known_hosts; the global file is not trusted."""
@@ -214,15 +214,18 @@ class TestNixSshopts:
         )
         assert shlex.split(nix_sshopts(settings)) == ssh_options(settings)
 
-    def test_operator_options_come_after_ours(self) -> None:
-        """The operator's own NIX_SSHOPTS follow rebuild's, so they cannot weaken strict keys."""
-        inherited = "-o StrictHostKeyChecking=no -o LogLevel=ERROR"
-        words = shlex.split(nix_sshopts(ssh(), inherited))
-        assert words[: len(ssh_options(ssh()))] == ssh_options(ssh())
-        assert words[-4:] == ["-o", "StrictHostKeyChecking=no", "-o", "LogLevel=ERROR"]
-        first = next(v for v in option_values(words) if v.startswith("StrictHostKeyChecking"))
-        assert first == "StrictHostKeyChecking=yes"
-
-    def test_no_inherited_options(self) -> None:
-        """Without the operator's options there is no trailing space."""
+    def test_only_rebuilds_options(self) -> None:
+        """NIX_SSHOPTS is rebuild's options and nothing else."""
         assert nix_sshopts(ssh()) == shlex.join(ssh_options(ssh()))
+
+
+class TestSshCannotBeRedirected:
+    def test_no_ssh_config_is_read(self) -> None:
+        """`-F none` comes first: no ~/.ssh/config or /etc/ssh/ssh_config can set a HostName,
+        ProxyCommand or a weaker host-key policy for nixos-rebuild's ssh."""
+        assert ssh_options(ssh())[:2] == ["-F", "none"]
+
+    def test_no_other_key_sources(self) -> None:
+        """No key from DNS or a KnownHostsCommand is trusted."""
+        values = option_values(ssh_options(ssh()))
+        assert "KnownHostsCommand=none" in values and "VerifyHostKeyDNS=no" in values
