@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rebuild.errors import ConfigError
+from rebuild.results import Result
 
 DEFAULT_INVENTORY = "inventory.toml"
 ENV_INVENTORY = "REBUILD_INVENTORY"
@@ -149,6 +150,21 @@ class CommandCheck(_Strict):
     run: Annotated[str, Field(min_length=1, max_length=4096)]
 
 
+def _result_name(value: str) -> str:
+    names = [str(r) for r in Result]
+    if value not in names:
+        raise ValueError(f"{value!r} is not a result name (one of: {', '.join(names)})")
+    return value
+
+
+class Hook(_Strict):
+    """`[[hooks]]`: the operator's own sh command, run locally (`sh -c`) after each host's run
+    of `invoke rebuild` whose result is in `on` (omitted: every result)."""
+
+    on: tuple[Annotated[str, AfterValidator(_result_name)], ...] | None = None
+    run: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
 class VerifySpec(_Strict):
     """What verification checks on the host after a switch or test."""
 
@@ -232,6 +248,7 @@ class Inventory(BaseSettings):
     operators: tuple[Operator, ...] = ()
     defaults: Defaults = Defaults()
     hosts: dict[Name, HostSettings] = Field(default_factory=dict)
+    hooks: tuple[Hook, ...] = ()
 
     @classmethod
     def settings_customise_sources(

@@ -21,6 +21,7 @@ from rebuild import audit, inventory
 from rebuild.inventory import (
     CommandCheck,
     Defaults,
+    Hook,
     HostSettings,
     HttpCheck,
     Inventory,
@@ -44,6 +45,7 @@ TABLES: dict[str, type[BaseModel]] = {
     "hosts.<name>.verify.": VerifySpec,
     "hosts.<name>.verify.http[].": HttpCheck,
     "hosts.<name>.verify.commands[].": CommandCheck,
+    "hooks[].": Hook,
 }
 
 
