@@ -345,3 +345,32 @@ def enroll(c: Context, host: str = "", dry_run: bool = False, inventory: str | N
 
     _need(host)
     _guard(False, lambda: enrollment.run(inventory, host, dry_run=dry_run))
+
+
+@task(
+    iterable=["host", "tag"],
+    auto_shortflags=False,
+    help={
+        "host": HOST_HELP + " (repeatable)",
+        "tag": "every host with this tag (repeatable; union with --host)",
+        "all": "every host of the inventory (the default when no host or tag is given)",
+        "json": 'print one JSON object {"hosts": [...]} on stdout',
+        "inventory": INVENTORY_HELP,
+    },
+)
+def status(
+    c: Context, host: list[str], tag: list[str], all: bool = False, json: bool = False,
+    inventory: str | None = None,
+) -> None:  # fmt: skip
+    """The fleet at a glance: per host, reachable, drift from HEAD, reboot needed, failed units
+    and the last deploy (who, when, commit, result). Changes nothing.
+
+    Exit 0 when every host is reachable, on HEAD and without failed units; 6 when one is
+    not; 3 when a gate refused (allowlist, a host key unknown or changed); 5 when HEAD does not
+    evaluate.
+
+    Example: invoke status --tag prod
+    """
+    from rebuild import cli
+
+    _guard(json, lambda: cli.status(inventory, host, tag, all, json))
