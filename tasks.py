@@ -374,3 +374,23 @@ def status(
     from rebuild import cli
 
     _guard(json, lambda: cli.status(inventory, host, tag, all, json))
+
+
+@task(
+    auto_shortflags=False,
+    help={"json": "print a JSON list of {name, ok, detail, fix} on stdout",
+          "inventory": INVENTORY_HELP},
+)  # fmt: skip
+def doctor(c: Context, json: bool = False, inventory: str | None = None) -> None:
+    """Check this operator machine without touching any host: nixos-rebuild, nix with flakes,
+    ssh, keyring, allowlist, known_hosts, identity files, state folder, the flake's tree.
+
+    One line per check (ok, FAIL, warn) with the fix for each problem; exit 0 when nothing
+    failed, 3 when something did.
+
+    Example: invoke doctor
+    """
+    from rebuild import doctor as checks
+    from rebuild.console import Console
+
+    _guard(json, lambda: checks.run(inventory, Console(json_mode=json), json_mode=json))
