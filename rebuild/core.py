@@ -309,9 +309,15 @@ def _building(setup: Setup, state: State, seen: Observation) -> Decision:
     if not isinstance(seen, RebuildExited):
         return _bug(setup, state, seen)
     armed_at = state.armed_at
-    for beat in seen.beats:  # a missed beat (LockLost, Unreachable): the re-arm decides
+    for beat in seen.beats:  # a missed beat: the re-arm afterwards decides
         if isinstance(beat, TimerArmed):
             armed_at = beat.at
+        if isinstance(beat, LockLost) and not setup.timer:  # no re-arm to learn it from
+            return _end(
+                Result.INTERRUPTED,
+                f"{setup.host}: the host lock was broken by {beat.holder} while nixos-rebuild "
+                "ran; stopping here (no dead-man timer): run `invoke verify` and decide",
+            )
     after = dataclasses.replace(state, armed_at=armed_at, code=seen.code, failure=seen.failure)
     if seen.code == 130:  # Ctrl-C while nixos-rebuild ran
         return _end(Result.INTERRUPTED, f"{setup.host}: interrupted during nixos-rebuild"

@@ -24,7 +24,6 @@ from rebuild.errors import (
     Declined,
     Interrupted,
     RebuildError,
-    VerifyFailed,
 )
 from rebuild.gates import git_gate, host_key_gate, operator_gate, terminal_gate
 from rebuild.hostrun import (
@@ -45,7 +44,7 @@ from rebuild.locks import (
 )
 from rebuild.plan import HostPlan, Plan, batches, check_names, render_plan
 from rebuild.results import Result, most_severe
-from rebuild.verify import Check
+from rebuild.verify import Check, Report
 
 log = structlog.get_logger("rebuild")
 
@@ -448,37 +447,61 @@ def host_json(hr: HostRun) -> dict[str, object]:
 
 
 def verify_only(loaded: Loaded, target: Target, console: Console, *, json_mode: bool) -> int:
-    """`invoke verify`: the checks alone against what HEAD evaluates to."""
-    hr = HostRun(target, endpoint_for(loaded, target), "verify", audit.new_run_id())
+    """`invoke verify`: the checks alone against what HEAD evaluates to, with the allowlist,
+    the host-key gate and an audit record (`event` `verify`). The SSH connection is opened
+    while HEAD is evaluated."""
+    started = time.monotonic()
+    run = Run(audit.new_run_id(), identity.current())
+    hr = HostRun(target, endpoint_for(loaded, target), "verify", run.run_id)
+    report: Report | None = None
+    expected: str | None = None
     try:
+        audit.check_writable(loaded.audit_log)
+        run.operator = operator_gate(loaded, run.me)
         host_key_gate([hr.endpoint])
-        flake = head_flake_ref(loaded)
-        expected = expected_system(loaded, target, flake)
-        hr.connection()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            connecting = pool.submit(hr.connection)
+            try:
+                run.state = gitstate.read(loaded.flake_dir) if loaded.flake_dir else None
+                expected = expected_system(loaded, target, head_flake_ref(loaded, run.state))
+            finally:
+                connecting.result()
         report = verify_host(hr, expected, settle_timeout=0)
+        outcome = Outcome(
+            Result.OK if report.ok else Result.VERIFY_FAILED, "", report.current_system, report
+        )
     except RebuildError as exc:
+        outcome = Outcome(exc.result, str(exc))
         if json_mode:
             console.json({
                 "host": target.name, "ok": False, "current_system": None,
-                "expected_system": None, "error": str(exc),
+                "expected_system": expected, "error": str(exc),
                 "checks": [Check("ssh", False, str(exc)).to_json()],
             })  # fmt: skip
         console.error(str(exc))
-        return exc.exit_code
     finally:
         hr.close()
-    if json_mode:
-        console.json(report.to_json())
-    else:
-        console.report(report)
-    return 0 if report.ok else VerifyFailed.exit_code
+    hr.expected, hr.outcome = expected, outcome
+    rec = record(run, hr, loaded, Options())
+    rec.event, rec.duration_s = "verify", round(time.monotonic() - started, 3)
+    try:
+        audit.append(loaded.audit_log, rec)
+    except RebuildError as exc:
+        console.error(f"the audit record was not written: {exc}")
+        return most_severe([outcome.exit_code, 1])
+    if report is not None:
+        if json_mode:
+            console.json(report.to_json())
+        else:
+            console.report(report)
+    return outcome.exit_code
 
 
-def head_flake_ref(loaded: Loaded) -> str:
+def head_flake_ref(loaded: Loaded, state: gitstate.GitState | None = None) -> str:
     """The flake as committed: a dirty working tree must not hide drift from HEAD."""
     if loaded.flake_dir is None:
         return loaded.flake
-    state = gitstate.read(loaded.flake_dir)
+    state = state or gitstate.read(loaded.flake_dir)
     if state.is_repo and state.dirty and state.commit:
         return f"git+file://{loaded.flake_dir}?rev={state.commit}"
     return loaded.flake

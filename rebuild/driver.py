@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -28,6 +28,7 @@ from rebuild.results import Result
 log = structlog.get_logger("rebuild")
 
 RECONNECT_INTERVAL = 2.0
+LOCK_REFRESH_INTERVAL = 30.0  # seconds between refreshes of the host lock without a timer
 MAX_STEPS = 64  # a deploy takes about ten; a bound, not a loop
 LEGACY_SUDO_PROMPTS = 16  # older nixos-rebuild asks once per ssh session; a bound, not a loop
 
@@ -115,7 +116,8 @@ class Deploy:
         hr = self.hr
         if hr.previous is None:  # the core arms a timer only with a known previous system
             raise RebuildError(f"{hr.name}: the current system is unknown; no dead-man timer")
-        script = hostops.arm_timer_script(hr.run_id, hr.previous, self.setup.rollback_timeout)
+        seconds = self.setup.rollback_timeout
+        script = hostops.arm_timer_script(hr.run_id, hr.previous, seconds, self._refreshed())
         result = hr.run(script, timeout=30)
         if result.stdout.strip() == "fired":
             return core.TimerFired()
@@ -127,28 +129,44 @@ class Deploy:
             raise RebuildError(f"{hr.name}: cannot arm the dead-man timer: {detail}")
         return core.TimerArmed(self.clock())
 
+    def _refreshed(self) -> hostops.LockOwner | None:
+        owner = self.hr.lock_owner
+        return None if owner is None else replace(owner, refreshed=time.time())
+
+    def refresh_lock(self) -> core.LockLost | None:
+        """Keep the host's lock fresh while nixos-rebuild runs (no timer to arm)."""
+        owner = self._refreshed()
+        if owner is None:
+            return None
+        result = self.hr.run(hostops.refresh_lock_script(owner), timeout=30)
+        holder = hostops.parse_lock_lost(result.stdout)
+        return None if holder is None else core.LockLost(holder)
+
     def nixos_rebuild(self, heartbeat: bool) -> core.RebuildExited:
         beats: queue.SimpleQueue[core.TimerArmed | core.TimerFired | core.LockLost
                                  | core.Unreachable] = queue.SimpleQueue()  # fmt: skip
         stop = threading.Event()
 
         def beat() -> None:
-            interval = max(3.0, min(30.0, self.setup.rollback_timeout / 3))
+            """Arm the timer again (which refreshes the lock), or refresh the lock alone."""
+            timeout = self.setup.rollback_timeout
+            interval = max(3.0, min(30.0, timeout / 3)) if heartbeat else LOCK_REFRESH_INTERVAL
             while not stop.wait(interval):
+                seen: core.TimerArmed | core.TimerFired | core.LockLost | core.Unreachable | None
                 try:
-                    beats.put(self.arm())
+                    seen = self.arm() if heartbeat else self.refresh_lock()
                 except RebuildError as exc:
-                    beats.put(core.Unreachable(str(exc)))
+                    seen = core.Unreachable(str(exc))
+                if seen is not None:
+                    beats.put(seen)
 
         thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{self.hr.name}")
-        if heartbeat:
-            thread.start()
+        thread.start()
         try:
             done, failure = run_nixos_rebuild(self.hr, self.loaded, self.console, self.cancel)
         finally:
             stop.set()
-            if heartbeat:
-                thread.join(timeout=35)
+            thread.join(timeout=35)
         seen = []
         while not beats.empty():
             seen.append(beats.get())

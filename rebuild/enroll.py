@@ -21,7 +21,7 @@ from pathlib import Path
 from rebuild import agekey, audit, identity, process, sopsfile
 from rebuild.console import Console
 from rebuild.errors import ConfigError, GateRefused, RebuildError, RemoteError
-from rebuild.gates import host_key_gate
+from rebuild.gates import host_key_gate, operator_gate
 from rebuild.hostrun import endpoint_for
 from rebuild.inventory import Loaded, Target, load
 from rebuild.remote import Endpoint, Remote, known_host_keys
@@ -198,6 +198,8 @@ def _enroll(
             f"{loaded.path}: flake is a URL ({loaded.flake}); enroll edits {SOPS_CONFIG} in a "
             "local checkout: point flake at it (a path), or pass --inventory of one"
         )
+    audit.check_writable(loaded.audit_log)
+    operator_gate(loaded, identity.current())
     endpoint = endpoint_for(loaded, target)
     host_key_gate([endpoint])
     key = check_against_known_hosts(endpoint, read_host_key(endpoint))

@@ -31,9 +31,14 @@ class LockOwner:
     machine_id: str
     pid: int
     since: float
+    refreshed: float | None = None  # the last heartbeat of the run holding it
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
+
+    @property
+    def last_seen(self) -> float:
+        return self.since if self.refreshed is None else self.refreshed
 
     def describe(self) -> str:
         return (
@@ -57,6 +62,7 @@ def parse_owner(text: str) -> LockOwner | None:
             machine_id=str(data["machine_id"]),
             pid=int(data["pid"]),
             since=float(data["since"]),
+            refreshed=float(data["refreshed"]) if data.get("refreshed") is not None else None,
         )
     except (ValueError, KeyError, TypeError):
         return None
@@ -124,14 +130,26 @@ def lock_is_stale(holder: LockOwner, *, now: float, stale_after: float, machine_
     machine is gone."""
     if holder.machine_id == machine_id and not pid_alive:
         return True
-    return now - holder.since > stale_after
+    return now - holder.last_seen > stale_after
 
 
 # --- dead-man timer and rollback ----------------------------------------------------------
 
 
-def arm_timer_script(run_id: str, previous: str, seconds: int) -> str:
-    """(Re-)schedule the rollback to `previous` in `seconds`; the old timer of this run goes."""
+def refresh_lock_script(owner: LockOwner) -> str:
+    """Prove the lock is still this run's and refresh its age (a build longer than
+    lock_stale_after must not look abandoned); else `lock-lost` and the holder, and stop."""
+    return (
+        f"if ! cat {LOCK_DIR}/owner 2>/dev/null | grep -qF {quote(owner.run_id)}; then "
+        f"echo lock-lost; cat {LOCK_DIR}/owner 2>/dev/null; exit 0; fi; "
+        f"printf '%s\\n' {quote(owner.to_json())} | tee {LOCK_DIR}/owner >/dev/null\n"
+    )
+
+
+def arm_timer_script(run_id: str, previous: str, seconds: int,
+                     owner: LockOwner | None = None) -> str:  # fmt: skip
+    """(Re-)schedule the rollback to `previous` in `seconds`; the old timer of this run goes.
+    With `owner`, the lock is refreshed first (and nothing is armed if it is lost)."""
     unit = timer_unit(run_id)
     restore = (
         f"nix-env -p {SYSTEM_PROFILE} --set {quote(previous)} && "
@@ -140,9 +158,15 @@ def arm_timer_script(run_id: str, previous: str, seconds: int) -> str:
     # A timer that already fired is left alone (`fired`): the caller must learn that the host
     # restored itself, and re-arming it would roll back once more later. A run whose lock was
     # broken by another run arms nothing (`lock-lost` and the new holder).
-    return (
-        f"if ! cat {LOCK_DIR}/owner 2>/dev/null | grep -qF {quote(run_id)}; then "
-        f"echo lock-lost; cat {LOCK_DIR}/owner 2>/dev/null; exit 0; fi; "
+    check = (
+        refresh_lock_script(owner)
+        if owner is not None
+        else (
+            f"if ! cat {LOCK_DIR}/owner 2>/dev/null | grep -qF {quote(run_id)}; then "
+            f"echo lock-lost; cat {LOCK_DIR}/owner 2>/dev/null; exit 0; fi\n"
+        )
+    )
+    return check + (
         f"case $(systemctl show -p SubState --no-pager -- {quote(unit + '.timer')} 2>/dev/null) "
         "in *=elapsed) echo fired; exit 0;; esac; "
         f"systemctl stop {quote(unit + '.timer')} {quote(unit + '.service')} 2>/dev/null; "

@@ -37,6 +37,7 @@ class HostRun:
     overrides: list[str] = field(default_factory=list)  # this host's own (e.g. break-lock)
     remote: Remote | None = None
     remote_locked: bool = False
+    lock_owner: hostops.LockOwner | None = None  # this run's entry in the host's lock
     local_lock: int | None = None  # the flock'd file descriptor
     outcome: Outcome | None = None
     timings: dict[str, float] = field(default_factory=dict)

@@ -34,7 +34,7 @@ def current(machine_id_files: tuple[Path, ...] = MACHINE_ID_FILES) -> Identity:
     for path in machine_id_files:
         try:
             machine_id = path.read_text(encoding="ascii").strip().lower()
-        except OSError:
+        except (OSError, UnicodeDecodeError):  # unreadable or not a machine-id: matches nobody
             continue
         if machine_id:
             break

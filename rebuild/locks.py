@@ -87,6 +87,7 @@ def _take_remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identi
         answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
     if answer.acquired:
         hr.remote_locked = True
+        hr.lock_owner = owner
         hr.previous = answer.current_system
         return
     if answer.holder is not None:

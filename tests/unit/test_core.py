@@ -226,6 +226,9 @@ TABLE = (
     Path_("the lock was broken while nixos-rebuild ran", SWITCH,
           (ARMED, RebuildExited(0), LockLost(HOLDER)), (ArmTimer(), RUN, ArmTimer()),
           Result.INTERRUPTED, None, (HOLDER, "dead-man timer restores")),
+    Path_("the lock was broken while nixos-rebuild ran, no timer", NO_TIMER,
+          (RebuildExited(0, beats=(LockLost(HOLDER),)),), (RUN_PLAIN,),
+          Result.INTERRUPTED, None, (HOLDER, "invoke verify")),
     # --- Ctrl-C at each phase ---------------------------------------------------------------
     Path_("Ctrl-C before the timer was armed", SWITCH,
           (Interrupt(),), (ArmTimer(),), Result.DECLINED, PREV, ("before anything changed",)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -23,6 +24,7 @@ from rebuild.hostops import (
     parse_generations,
     parse_lock_lost,
     parse_owner,
+    refresh_lock_script,
     release_script,
     rollback_now_script,
     timer_gone,
@@ -287,6 +289,30 @@ class TestDeadManTimer:
         """No lock at all (broken, not retaken) is a lost lock too."""
         out = sh(host, arm_timer_script(RUN_ID, PREVIOUS, 90))
         assert calls(host) == [] and parse_lock_lost(out) == "nobody (the lock was removed)"
+
+    def test_arming_refreshes_the_lock(self, host: Path) -> None:
+        """With this run's owner entry, arming also rewrites it with a fresh `refreshed` time,
+        so a long build does not make the lock look abandoned."""
+        take_lock(host)
+        fresh = dataclasses.replace(ME, refreshed=ME.since + 4000)
+        sh(host, arm_timer_script(RUN_ID, PREVIOUS, 90, fresh))
+        owner = parse_owner((host / "run" / "rebuild-lock" / "owner").read_text(encoding="utf-8"))
+        assert owner == fresh
+        assert not lock_is_stale(owner, now=ME.since + 4100, stale_after=3600, machine_id="x",
+                                 pid_alive=True)  # fmt: skip
+
+    def test_refresh_alone_keeps_a_held_lock_and_reports_a_lost_one(self, host: Path) -> None:
+        """Without a timer the heartbeat only refreshes the lock; another run's lock is left
+        alone and reported."""
+        take_lock(host)
+        fresh = dataclasses.replace(ME, refreshed=ME.since + 10)
+        assert parse_lock_lost(sh(host, refresh_lock_script(fresh))) is None
+        lock = host / "run" / "rebuild-lock" / "owner"
+        assert parse_owner(lock.read_text(encoding="utf-8")) == fresh
+        lock.write_text(OTHER.to_json() + "\n", encoding="utf-8")
+        holder = parse_lock_lost(sh(host, refresh_lock_script(fresh)))
+        assert holder is not None and OTHER.run_id in holder
+        assert parse_owner(lock.read_text(encoding="utf-8")) == OTHER
 
     def test_a_held_lock_is_not_lost(self) -> None:
         """Any other answer of the arm step is not a lost lock."""

@@ -546,6 +546,7 @@ def test_refusal_exits_2_naming_the_file(tmp_path: Path, monkeypatch: pytest.Mon
     sops_yaml.write_text(text)
     host_key = enroll_task.HostKey("ssh-ed25519 AAAA", "SHA256:x", VPS)
     monkeypatch.setattr(enroll_task, "host_key_gate", lambda endpoints: None)
+    monkeypatch.setattr(enroll_task, "operator_gate", lambda loaded, me: "work-laptop")
     monkeypatch.setattr(enroll_task, "read_host_key", lambda endpoint: host_key.line)
     monkeypatch.setattr(enroll_task, "check_against_known_hosts", lambda ep, line: host_key)
     with pytest.raises(ConfigError) as info:
