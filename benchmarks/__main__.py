@@ -1,4 +1,5 @@
-"""Run the benchmarks: `.venv/bin/python -m benchmarks [--only fleet|verify] [--hosts N]`."""
+"""Run the benchmarks: `.venv/bin/python -m benchmarks [--only fleet|verify|status] [--hosts N]`.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import fleet, verification
+from benchmarks import fleet, status, verification
 from benchmarks.bed import require_tools
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--only", choices=("fleet", "verify"), help="run one benchmark only")
+    parser.add_argument("--only", choices=("fleet", "verify", "status"),
+                        help="run one benchmark only")
     parser.add_argument("--hosts", type=int, default=20, help="fleet size (default 20)")
     parser.add_argument("--reps", type=int, default=2,
                         help="repetitions of the short measurements (median; default 2)")
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         pairs = f.pop("_pairs")
         reports.append(fleet.report({**f, "_pairs": pairs}))
         out["fleet"] = f
+    if args.only in (None, "status"):
+        s = status.run(args.hosts, max(args.reps, 3), want_netns=not args.loopback, say=say)
+        out["status"] = s
+        reports.append(status.report(s))
     for text in reports:
         print(text)
     print(f"\n(total {time.monotonic() - started:.0f}s)")
