@@ -394,3 +394,76 @@ def doctor(c: Context, json: bool = False, inventory: str | None = None) -> None
     from rebuild.console import Console
 
     _guard(json, lambda: checks.run(inventory, Console(json_mode=json), json_mode=json))
+
+
+@task(
+    iterable=["host"],
+    auto_shortflags=False,
+    help={
+        "host": "NAME=ADDRESS: include the flake's configuration NAME at this address "
+                "(repeatable); without it a terminal asks which configurations to include",
+        "yes": "include every configuration without asking (addresses not given by --host "
+               "are left to fill in)",
+        "flake": "the flake, as the inventory's flake key: a path relative to the inventory's "
+                 "folder, or a flake URL (default: .)",
+        "operator": "this machine's operator name in [[operators]] (default: its hostname)",
+        "inventory": "the inventory file to create (default: $REBUILD_INVENTORY, else "
+                     "./inventory.toml); an existing one is never overwritten",
+    },
+)  # fmt: skip
+def init(
+    c: Context, host: list[str], yes: bool = False, flake: str = ".",
+    operator: str | None = None, inventory: str | None = None,
+) -> None:  # fmt: skip
+    """Write a commented inventory.toml from the flake's nixosConfigurations (never overwrites).
+
+    One host table per configuration picked, this machine's [[operators]] entry, every other
+    key commented out with its default. Next: `invoke add-host` for each host.
+
+    Example: invoke init --host vps=203.0.113.10
+    """
+    from rebuild import onboarding
+
+    opts = onboarding.InitOptions(hosts=tuple(host), yes=yes, flake=flake, operator=operator)
+    _guard(False, lambda: onboarding.init(inventory, opts))
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "host": "the host's name in the inventory (a new one, or one init left to fill in)",
+        "address": "its IP address or DNS name (required unless the inventory has it)",
+        "port": "its SSH port (default: 22)",
+        "user": "the SSH user (default: root)",
+        "attr": "its nixosConfigurations attribute (default: the host's name)",
+        "identity_file": "the SSH private key for it (default: the ssh-agent and ~/.ssh)",
+        "fingerprint": "SHA256:... of its host key, checked out of band beforehand; pins the "
+                       "matching key without asking (for automation)",
+        "replace_key": "the host's key changed (a reinstalled host): replace the pinned key "
+                       "once the new one is confirmed (recorded in the audit)",
+        "inventory": INVENTORY_HELP,
+    },
+)  # fmt: skip
+def add_host(
+    c: Context, host: str = "", address: str | None = None, port: str | None = None,
+    user: str | None = None, attr: str | None = None, identity_file: str | None = None,
+    fingerprint: str | None = None, replace_key: bool = False, inventory: str | None = None,
+) -> None:  # fmt: skip
+    """Add a host: show its key fingerprints, pin the key after `yes` or a matching --fingerprint.
+
+    Then add its table to the inventory (comments and order kept) and write its wrapper script
+    scripts/rebuild-NAME.sh. A changed key needs --replace-key. Nothing is written when refused.
+
+    Example: invoke add-host --host vps --address 203.0.113.10
+    """
+    from pathlib import Path
+
+    from rebuild import onboarding
+
+    _need(host)
+    opts = onboarding.AddHostOptions(
+        host=host, address=address, port=port, user=user, attr=attr,
+        identity_file=identity_file, fingerprint=fingerprint, replace_key=replace_key,
+    )  # fmt: skip
+    root = Path(__file__).resolve().parent
+    _guard(False, lambda: onboarding.add_host(inventory, opts, root=root))
