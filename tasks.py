@@ -192,7 +192,7 @@ def demo(c: Context) -> None:
 
     Example: invoke demo
     """
-    from rebuild import demo as demo_module
+    from testbed import demo as demo_module  # the test bed, not the installed tool
 
     _guard(False, demo_module.run)
 

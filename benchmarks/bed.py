@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from rebuild import identity
-from rebuild.testbed import SimHost, Testbed, netns_available
-from rebuild.testbed.proxy import LatencyProxy
+from testbed import SimHost, Testbed, netns_available
+from testbed.proxy import LatencyProxy
 
 REPO = Path(__file__).resolve().parents[1]
 CORES = os.cpu_count() or 1
@@ -424,7 +424,7 @@ def ssh_true(bed: Bed, hosts: list[BenchHost], *, via_proxy: bool) -> float:
 
 def require_tools() -> str | None:
     """Why the benchmark cannot run here, or None."""
-    from rebuild.testbed import sshd_missing_message
+    from testbed import sshd_missing_message
 
     missing = sshd_missing_message()
     if missing:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up rebuild from a fresh clone and run it: `scripts/setup.sh demo` or `scripts/setup.sh test`.
-# Creates .venv, installs the project (and its dev tools for `test`), then runs the demo or the
-# whole test suite. As root it installs missing Debian packages with apt-get; as a normal user it
-# says exactly which ones to install.
+# Creates .venv, installs the project (and its dev tools for `test`) and the simulated NixOS test
+# bed (testbed/, its own distribution: never part of the installed tool), then runs the demo or
+# the whole test suite. As root it installs missing Debian packages with apt-get; as a normal
+# user it says exactly which ones to install.
 set -euo pipefail
 
 usage() {
@@ -57,7 +58,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra=""
 [ "$mode" = test ] && extra="[dev]"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
+# the deploy tool, and the test bed that the demo and the tests run against (`pip install .`
+# alone installs the deploy tool only)
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}" -e ./testbed
 
 export PATH="$root/.venv/bin:$PATH"
 if [ "$mode" = demo ]; then

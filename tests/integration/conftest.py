@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from rebuild import identity
-from rebuild.testbed import SimHost, Testbed
+from testbed import SimHost, Testbed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -178,7 +178,7 @@ def deployment(testbed: Testbed) -> Deployment:
 
 
 def netns_or_skip() -> None:
-    from rebuild.testbed import netns_available
+    from testbed import netns_available
 
     why = netns_available()
     if why:

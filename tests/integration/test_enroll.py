@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rebuild import agekey
-from rebuild.testbed import Testbed
+from testbed import Testbed
 from tests.integration.conftest import Deployment, make_deployment
 
 ALICE = "age1hjm3aujg9e79f5yth8a2cejzdjg5n9vnu96l05p70uvfpeltnpms7yy3pp"

@@ -15,7 +15,7 @@ from typing import Any
 import pexpect
 import pytest
 
-from rebuild.testbed import Testbed, netns_available
+from testbed import Testbed, netns_available
 from tests.integration.conftest import (
     Deployment,
     config,

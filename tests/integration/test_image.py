@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from rebuild.testbed import Testbed
-from rebuild.testbed.store import image_file_name, image_store_path
+from testbed import Testbed
+from testbed.store import image_file_name, image_store_path
 from tests.integration.conftest import REPO, git
 
 CONFIG: dict[str, Any] = {"units": {"sshd.service": {}}, "label": "v1"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from rebuild.hostops import timer_unit
-from rebuild.testbed import Testbed
+from testbed import Testbed
 from tests.integration.conftest import Deployment, config, make_deployment, netns_or_skip
 
 

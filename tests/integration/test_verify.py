@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from rebuild.testbed import Testbed
+from testbed import Testbed
 from tests.integration.conftest import (
     Deployment,
     config,

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rebuild.testbed import SimHost, Testbed
-from rebuild.testbed.pytest_fixtures import netns_required, testbed  # noqa: F401
+from testbed import SimHost, Testbed
+from tests.support.pytest_fixtures import netns_required, testbed  # noqa: F401
 
 V1 = {"units": {"sshd.service": {}, "web.service": {}}, "label": "v1"}
 

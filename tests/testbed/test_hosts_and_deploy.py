@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from rebuild.testbed import Testbed
+from testbed import Testbed
 
 from .conftest import V1, curl, free_port, rebuild, ssh, web_config
 

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rebuild.testbed import Testbed, cleanup_stale_testbeds, sim
-from rebuild.testbed.procs import is_alive
-from rebuild.testbed.store import PACKAGE_PARENT
+from testbed import Testbed, cleanup_stale_testbeds
+from testbed.procs import is_alive
+from testbed.sim.host import Host, locked_state
+from testbed.store import PACKAGE_PARENT
 
 from .conftest import curl, free_port, rebuild, ssh, wait_for, web_config
 
@@ -65,7 +66,7 @@ def test_close_stops_every_process_and_removes_the_directory(tmp_path: Path) -> 
         host = tb.add_host("vps", initial_config=web_config("v1", port))
         arm = ssh(host, "systemd-run --on-active=300s --unit=left-behind -- /bin/true")
         assert arm.returncode == 0
-        with sim.locked_state(sim.Host.load(host.root), write=False) as state:
+        with locked_state(Host.load(host.root), write=False) as state:
             server = state["units"]["web.service"]["pid"]
             sleeper = state["units"]["left-behind.timer"]["sleeper_pid"]
         sshd = host.sshd
@@ -82,11 +83,11 @@ def test_close_stops_every_process_and_removes_the_directory(tmp_path: Path) -> 
 CRASHING = """
 import os, sys, json
 sys.path.insert(0, {package!r})
-from rebuild.testbed import Testbed
-from rebuild.testbed import sim
+from testbed import Testbed
+from testbed.sim.host import Host, locked_state
 tb = Testbed()
 host = tb.add_host("vps", initial_config={config!r})
-with sim.locked_state(sim.Host.load(host.root), write=False) as state:
+with locked_state(Host.load(host.root), write=False) as state:
     server = state["units"]["web.service"]["pid"]
 print(json.dumps({{"root": str(tb.root), "sshd": host.sshd.pid, "server": server}}), flush=True)
 os._exit(0)  # a crash: nothing is cleaned up

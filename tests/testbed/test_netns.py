@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rebuild.testbed import Testbed, cleanup_stale_netns
-from rebuild.testbed.netns import list_namespaces, run_ip
+from testbed import Testbed, cleanup_stale_netns
+from testbed.netns import list_namespaces, run_ip
 
 from .conftest import curl, free_port, rebuild, ssh, wait_for, web_config
 

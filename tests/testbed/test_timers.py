@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rebuild.testbed import Testbed, sim
-from rebuild.testbed.procs import is_alive
+from testbed import Testbed
+from testbed.procs import is_alive
+from testbed.sim.host import Host, locked_state
 
 from .conftest import curl, free_port, rebuild, ssh, wait_for, web_config
 
@@ -60,7 +61,7 @@ def test_stopped_timer_never_runs(testbed: Testbed) -> None:
         "--description=cancel-me -- /bin/sh -c 'mkdir /run/rbtb-fired'",
     )
     assert arm.returncode == 0, arm.stderr
-    with sim.locked_state(sim.Host.load(host.root), write=False) as state:
+    with locked_state(Host.load(host.root), write=False) as state:
         sleeper = state["units"]["rebuild-rollback-r2.timer"]["sleeper_pid"]
     assert is_alive(sleeper)
     stop = ssh(host, "systemctl stop rebuild-rollback-r2.timer")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from rebuild.testbed import LatencyProxy, Testbed
-from rebuild.testbed.store import PACKAGE_PARENT
+from testbed import LatencyProxy, Testbed
+from testbed.store import PACKAGE_PARENT
 
 from .conftest import ssh
 
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     """
     import os, socket, subprocess, sys
     sys.path.insert(0, {package!r})
-    from rebuild.testbed import Testbed
+    from testbed import Testbed
 
     def free_port():
         with socket.socket() as s:
@@ -115,7 +115,7 @@ def test_loopback_mode_works_unprivileged(unprivileged_user: str | None) -> None
                 "--",
                 python,
                 "-c",
-                f"import sys; sys.path.insert(0, {PACKAGE_PARENT!r}); import rebuild.testbed",
+                f"import sys; sys.path.insert(0, {PACKAGE_PARENT!r}); import testbed",
             ],
             capture_output=True,
             text=True,

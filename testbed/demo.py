@@ -101,7 +101,7 @@ def run() -> int:
             "this machine has no /etc/machine-id, which rebuild uses to authorize operators; "
             "create one with `sudo systemd-machine-id-setup`"
         )
-    from rebuild.testbed import Testbed
+    from testbed import Testbed
 
     started = time.monotonic()
     results: list[tuple[str, int, int]] = []

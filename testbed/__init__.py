@@ -12,8 +12,16 @@ commands it runs on real NixOS. Store paths are real directories of a shared sto
 
 A host's ``/etc/ssh/ssh_host_*_key.pub`` (read with ``cat``) is ``$SIM_ROOT/etc/ssh/...``, a
 link to the key its sshd serves. ``Testbed(other_users=True)`` lets hosts log in real local
-users besides the test bed's own (``rebuild.testbed.users``: passwordless sudo, password sudo,
-no sudo); without sudo such a user can read a host's state but not change it, as on NixOS.
+users besides the test bed's own (the test suite creates them, ``tests/support/users.py``:
+passwordless sudo, password sudo, no sudo); without sudo such a user can read a host's state
+but not change it, as on NixOS.
+
+Layout: :mod:`testbed.testbed` (the :class:`Testbed` and its hosts), :mod:`testbed.sim` (the
+host-side shims, one module per program they imitate), :mod:`testbed.standins` (operator-side
+``nix``/``nixos-rebuild``), :mod:`testbed.store` (store and flakes), :mod:`testbed.netns`,
+:mod:`testbed.proxy`, :mod:`testbed.procs`, :mod:`testbed.demo` (``invoke demo``). This is its
+own distribution (``testbed/pyproject.toml``, ``rebuild-testbed``), installed for the tests and
+the demo only: the ``rebuild`` wheel that operators install contains none of it.
 """
 
 from __future__ import annotations
@@ -24,9 +32,9 @@ from typing import TYPE_CHECKING
 if (
     TYPE_CHECKING
 ):  # the real imports are lazy: host-side shims import submodules and must start fast
-    from rebuild.testbed.netns import cleanup_stale_netns, netns_available
-    from rebuild.testbed.proxy import LatencyProxy
-    from rebuild.testbed.testbed import (
+    from testbed.netns import cleanup_stale_netns, netns_available
+    from testbed.proxy import LatencyProxy
+    from testbed.testbed import (
         BASE_CONFIG,
         SimHost,
         Testbed,
@@ -36,15 +44,15 @@ if (
     )
 
 _EXPORTS = {
-    "BASE_CONFIG": "rebuild.testbed.testbed",
-    "LatencyProxy": "rebuild.testbed.proxy",
-    "SimHost": "rebuild.testbed.testbed",
-    "Testbed": "rebuild.testbed.testbed",
-    "TestbedError": "rebuild.testbed.testbed",
-    "cleanup_stale_netns": "rebuild.testbed.netns",
-    "cleanup_stale_testbeds": "rebuild.testbed.testbed",
-    "netns_available": "rebuild.testbed.netns",
-    "sshd_missing_message": "rebuild.testbed.testbed",
+    "BASE_CONFIG": "testbed.testbed",
+    "LatencyProxy": "testbed.proxy",
+    "SimHost": "testbed.testbed",
+    "Testbed": "testbed.testbed",
+    "TestbedError": "testbed.testbed",
+    "cleanup_stale_netns": "testbed.netns",
+    "cleanup_stale_testbeds": "testbed.testbed",
+    "netns_available": "testbed.netns",
+    "sshd_missing_message": "testbed.testbed",
 }
 
 __all__ = [
@@ -63,5 +71,5 @@ __all__ = [
 def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'rebuild.testbed' has no attribute {name!r}")
+        raise AttributeError(f"module 'testbed' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)

@@ -1,6 +1,6 @@
 """The test bed: real OpenSSH servers playing simulated NixOS hosts.
 
-See ``rebuild/testbed/__init__.py`` for the overview.
+See ``testbed/__init__.py`` for the overview.
 """
 
 from __future__ import annotations
@@ -21,17 +21,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from rebuild.testbed import sim
-from rebuild.testbed.netns import (
+from testbed.netns import (
     Netns,
     cleanup_stale_netns,
     create_netns,
     delete_netns,
     netns_available,
 )
-from rebuild.testbed.procs import PidRegistry, children_of, is_alive, proc_start_time, terminate
-from rebuild.testbed.proxy import LatencyProxy
-from rebuild.testbed.store import (
+from testbed.procs import PidRegistry, children_of, is_alive, proc_start_time, terminate
+from testbed.proxy import LatencyProxy
+from testbed.sim.dispatch import SHIM_NAMES
+from testbed.sim.host import PROFILE, SIM_ROOT_MARKER, Host, locked_state
+from testbed.sim.nix_env import current_generation, profile_paths
+from testbed.sim.units import mangle, system_state, unit_view
+from testbed.store import (
     build_system,
     canonical_json,
     remove_tree,
@@ -238,9 +241,9 @@ class SimHost:
         # SIM_ROOT, so shims find their host even under `env -i PATH=...` or sudo
         self.bin_dir.mkdir()
         self.home.mkdir()
-        for shim in sim.SHIM_NAMES:
+        for shim in SHIM_NAMES:
             (self.bin_dir / shim).symlink_to(tb.hostbin_dir / shim)
-        (self.bin_dir / sim.SIM_ROOT_MARKER).write_text(f"{self.root}\n", encoding="utf-8")
+        (self.bin_dir / SIM_ROOT_MARKER).write_text(f"{self.root}\n", encoding="utf-8")
         if address is not None and not ipaddress.ip_address(address).is_loopback:
             raise TestbedError(f"add_host({self.name!r}): address must be a loopback address")
         if want_netns:
@@ -401,8 +404,8 @@ class SimHost:
 
     # ------------------------------------------------------------------ host state
 
-    def _host(self) -> sim.Host:
-        return sim.Host.load(self.root)
+    def _host(self) -> Host:
+        return Host.load(self.root)
 
     def current_system(self) -> str | None:
         link = self.root / "run" / "current-system"
@@ -414,29 +417,27 @@ class SimHost:
 
     def generations(self) -> list[tuple[int, str]]:
         out = []
-        for number, link in sim._profile_paths(self.root / "nix/var/nix/profiles/system").items():
+        for number, link in profile_paths(self.root / "nix/var/nix/profiles/system").items():
             out.append((number, str(link.resolve())))
         return sorted(out)
 
     def current_generation(self) -> int | None:
-        return sim._current_generation(self.root / "nix/var/nix/profiles/system")
+        return current_generation(self.root / "nix/var/nix/profiles/system")
 
     def unit_state(self, unit: str) -> str:
         """ActiveState of a unit (``inactive`` for an unknown one), as systemctl reports it."""
-        with sim.locked_state(self._host(), write=False) as state:
-            record = state["units"].get(sim.mangle(unit))
-            return sim.unit_view(record)[0] if record else "inactive"
+        with locked_state(self._host(), write=False) as state:
+            record = state["units"].get(mangle(unit))
+            return unit_view(record)[0] if record else "inactive"
 
     def system_state(self) -> str:
-        with sim.locked_state(self._host(), write=False) as state:
-            return sim.system_state(state["units"])
+        with locked_state(self._host(), write=False) as state:
+            return system_state(state["units"])
 
     def timers(self) -> dict[str, str]:
         """Loaded transient timers: name -> SubState (waiting / elapsed)."""
-        with sim.locked_state(self._host(), write=False) as state:
-            return {
-                n: sim.unit_view(u)[1] for n, u in state["units"].items() if n.endswith(".timer")
-            }
+        with locked_state(self._host(), write=False) as state:
+            return {n: unit_view(u)[1] for n, u in state["units"].items() if n.endswith(".timer")}
 
     def local_env(self) -> dict[str, str]:
         """Environment of a command run "on" the host without ssh."""
@@ -467,7 +468,7 @@ class SimHost:
         """
         if not Path(store_path, "bin", "switch-to-configuration").exists():
             self.testbed.materialise(store_path)
-        result = self.run_local(["nix-env", "-p", sim.PROFILE, "--set", store_path])
+        result = self.run_local(["nix-env", "-p", PROFILE, "--set", store_path])
         if result.returncode != 0:
             raise TestbedError(f"nix-env --set on {self.name} failed: {result.stderr.strip()}")
         result = self.run_local([f"{store_path}/bin/switch-to-configuration", "switch"])
@@ -530,7 +531,7 @@ class Testbed:
     __test__ = False  # not a pytest test class
 
     def __init__(self, root: Path | None = None, *, other_users: bool = False) -> None:
-        """``other_users``: hosts also log in other local users (see ``rebuild.testbed.users``):
+        """``other_users``: hosts also log in other local users (see ``tests.support.users``):
         the directory is opened to them and shims run with a Python every user can run."""
         python = shared_python() if other_users else sys.executable
         if root is None:
@@ -571,18 +572,19 @@ class Testbed:
         _keygen(self.client_key, "operator@rebuild-testbed")
         self.client_key.chmod(0o600)
         header = script_header(self.python)
-        for name in sim.SHIM_NAMES:
+        for name in SHIM_NAMES:
             _write_script(
                 self.hostbin_dir / name,
                 header
-                + f"from rebuild.testbed.sim import main\nsys.exit(main({name!r}, sys.argv[1:]))\n",
+                + "from testbed.sim.dispatch import main\n"
+                + f"sys.exit(main({name!r}, sys.argv[1:]))\n",
             )
         store = str(self.store_dir)
         for name, func in (("nix", "nix_main"), ("nixos-rebuild", "nixos_rebuild_main")):
             _write_script(
                 self.bin_dir / name,
                 header
-                + f"from rebuild.testbed.standins import {func}\n"
+                + f"from testbed.standins import {func}\n"
                 + f"sys.exit({func}(sys.argv[1:], default_store={store!r}))\n",
             )
 
@@ -594,7 +596,7 @@ class Testbed:
             "REBUILD_NIXOS_REBUILD": str(self.bin_dir / "nixos-rebuild"),
             "REBUILD_NIX": str(self.bin_dir / "nix"),
             "NIX_STORE_DIR": str(self.store_dir),
-            "REBUILD_TESTBED_ROOT": str(self.root),
+            "RBTB_ROOT": str(self.root),
         }
 
     def add_host(

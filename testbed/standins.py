@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from rebuild.testbed.store import (
+from testbed.store import (
     DEFAULT_IMAGE_VARIANTS,
     Flake,
     SimError,

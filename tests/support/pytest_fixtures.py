@@ -2,7 +2,7 @@
 
 Import them into a conftest.py (``pytest_plugins`` only works in the root conftest)::
 
-    from rebuild.testbed.pytest_fixtures import netns_required, testbed  # noqa: F401
+    from tests.support.pytest_fixtures import netns_required, testbed  # noqa: F401
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from rebuild.testbed.netns import netns_available
-from rebuild.testbed.testbed import Testbed, cleanup_stale_testbeds, sshd_missing_message
+from testbed.netns import netns_available
+from testbed.testbed import Testbed, cleanup_stale_testbeds, sshd_missing_message
 
 _stale_checked = False
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rebuild.testbed.procs import is_alive, proc_start_time
+from testbed.procs import is_alive, proc_start_time
 
 SUDOERS_DIR = Path("/etc/sudoers.d")
 COMMENT_PREFIX = "rebuild test bed user"
@@ -78,7 +78,7 @@ def sudoers_rules(user: TestUser) -> str:
     """The drop-in for a user: the sudo rights its kind stands for."""
     name = user.name
     lines = [
-        f"# {COMMENT_PREFIX}: removed by rebuild.testbed.users",
+        f"# {COMMENT_PREFIX}: removed by tests.support.users",
         f"Defaults:{name} lecture=never",
     ]
     if user.kind == "nopasswd":
@@ -160,9 +160,7 @@ def cleanup_stale_users() -> list[str]:
     for entry in pwd.getpwall():
         if not entry.pw_name.startswith("rbtb-") or not entry.pw_gecos.startswith(COMMENT_PREFIX):
             continue
-        fields = dict(
-            part.split("=", 1) for part in entry.pw_gecos.split() if "=" in part
-        )
+        fields = dict(part.split("=", 1) for part in entry.pw_gecos.split() if "=" in part)
         try:
             pid = int(fields.get("pid", ""))
         except ValueError:

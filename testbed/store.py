@@ -30,8 +30,8 @@ SIM_JSON = "rebuild-sim.json"
 _NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
 DEFAULT_IMAGE_VARIANTS = ("amazon", "iso", "linode", "qcow2", "raw")
 
-# where the `rebuild` package lives, for scripts that must import it with any interpreter
-PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
+# where the `testbed` package lives, for scripts that must import it with any interpreter
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
 class SimError(Exception):
@@ -163,7 +163,7 @@ def build_system(
         stc = tmp / "bin" / "switch-to-configuration"
         stc.write_text(
             script_header(interpreter)
-            + "from rebuild.testbed.sim import stc_main\n"
+            + "from testbed.sim.activation import stc_main\n"
             + "sys.exit(stc_main(__file__, sys.argv[1:]))\n",
             encoding="utf-8",
         )

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rebuild.testbed.procs import is_alive, terminate
+from testbed.procs import is_alive, terminate
 
 PREFIX = "rbtb-"
 LOCK_PATH = Path("/run/rbtb-netns.lock")

@@ -1,0 +1,1 @@
+"""Test scaffolding that is not the simulator: pytest fixtures, real local test users."""
