@@ -366,8 +366,8 @@ def status(
     and the last deploy (who, when, commit, result). Changes nothing.
 
     Exit 0 when every host is reachable, on HEAD and without failed units; 6 when one is
-    not; 3 when a gate refused (allowlist, a host key unknown or changed); 5 when HEAD does not
-    evaluate.
+    not; 3 when a gate refused (audit log, allowlist, a host key unknown or changed); 5 when
+    HEAD does not evaluate.
 
     Example: invoke status --tag prod
     """

@@ -25,7 +25,7 @@ from rebuild.facts import MARK, split_sections
 from rebuild.gates import host_key_gate, operator_gate
 from rebuild.inventory import Loaded, Target
 from rebuild.remote import Endpoint, Remote
-from rebuild.results import Result
+from rebuild.results import Result, most_severe
 
 CURRENT = "/run/current-system"
 BOOTED = "/run/booted-system"
@@ -311,7 +311,7 @@ def gather(
     try:
         probes = {t.name: connections.submit(probe_host, endpoints[t.name]) for t in targets}
         state = gitstate.read(loaded.flake_dir) if loaded.flake_dir else None
-        flake = head_flake_ref(loaded)
+        flake = head_flake_ref(loaded, state)
         by_attr: dict[str, Future[str]] = {}
         for target in targets:
             if target.attr not in by_attr:
@@ -386,6 +386,7 @@ def run(loaded: Loaded, targets: list[Target], console: Console, *, json_mode: b
     me = identity.current()
     operator = {"name": "", "hostname": me.hostname, "machine_id": me.machine_id}
     endpoints = {t.name: endpoint_for(loaded, t) for t in targets}
+    audit.check_writable(loaded.audit_log)  # the audit gate: nothing runs unrecorded (exit 3)
     try:
         operator["name"] = operator_gate(loaded, me)
         host_key_gate(endpoints.values())
@@ -396,6 +397,7 @@ def run(loaded: Loaded, targets: list[Target], console: Console, *, json_mode: b
                 str(exc.result), exc.exit_code, str(exc))  # fmt: skip
             _append(loaded, refused, console)
         raise
+    audited = True
     gathered = gather(loaded, targets, endpoints)
     by_name = {t.name: t for t in targets}
     for row in gathered.rows:
@@ -411,10 +413,12 @@ def run(loaded: Loaded, targets: list[Target], console: Console, *, json_mode: b
             reboot_needed=row.reboot_needed, reboot_reasons=list(row.reboot_reasons),
             failed_units=list(row.failed_units), last_deploy=row.last_deploy,
         )  # fmt: skip
-        _append(loaded, rec, console)
+        audited = _append(loaded, rec, console) and audited
     for message in gathered.evaluation_errors:
         console.error(f"{message}; drift is unknown for its hosts")
     code = exit_code(gathered.rows, evaluation_failed=bool(gathered.evaluation_errors))
+    if not audited:  # as for a deploy: a record that could not be written fails the run
+        code = most_severe([code, Result.ERROR.exit_code])
     if json_mode:
         console.json({"hosts": [row.to_json() for row in gathered.rows]})
         return code
@@ -428,8 +432,12 @@ def run(loaded: Loaded, targets: list[Target], console: Console, *, json_mode: b
     return code
 
 
-def _append(loaded: Loaded, rec: audit.Record, console: Console) -> None:
+def _append(loaded: Loaded, rec: audit.Record, console: Console) -> bool:
+    """Append the record; when it cannot be written it is shown on stderr (never lost)."""
     try:
         audit.append(loaded.audit_log, rec)
-    except OSError as exc:
-        console.error(f"cannot write the audit record to {loaded.audit_log}: {exc}")
+    except (RebuildError, OSError) as exc:
+        console.error(f"the audit record of {rec.host} was not written: {exc}; it follows")
+        console.notice(json.dumps(audit.redact_value(rec.to_json()), sort_keys=True))
+        return False
+    return True

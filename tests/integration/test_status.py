@@ -185,6 +185,13 @@ class TestGates:
         assert app1["reachable"] is False and "HOST KEY CHANGED" in app1["error"]
         assert data["hosts"][1]["reachable"] is True
 
+    def test_unwritable_audit_log_is_3(self, fleet: Fleet) -> None:
+        """Nothing is asked when its records could not be written (the audit gate)."""
+        fleet.audit_log.mkdir()
+        done = fleet.invoke("status")
+        assert done.returncode == 3, done.stderr
+        assert done.stdout == ""
+
     def test_unknown_host_is_2(self, fleet: Fleet) -> None:
         done = fleet.invoke("status", "--host", "nope")
         assert done.returncode == 2 and "unknown host 'nope'" in done.stderr
