@@ -79,6 +79,7 @@ class Run:
     state: gitstate.GitState | None = None
     overrides: tuple[str, ...] = ()
     flake: str = ""  # the flake reference used (a remote one pinned to its revision)
+    audit_refused: bool = False  # the audit gate refused: no record can be written
 
     @property
     def operator_record(self) -> dict[str, str]:
@@ -150,7 +151,7 @@ def run_hosts(
 
 def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> None:
     """The gates, the command lines, and what each host must end on."""
-    audit.check_writable(loaded.audit_log)
+    audit_gate(run, loaded)
     run.operator = operator_gate(loaded, run.me)
     run.state = gitstate.read(loaded.flake_dir) if loaded.flake_dir else None
     overrides = git_gate(run.state, opts.allow_dirty)
@@ -172,6 +173,15 @@ def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> Non
             paths = list(pool.map(lambda h: expected_system(loaded, h.target, run.flake), runs))
         for hr, path in zip(runs, paths, strict=True):
             hr.expected = path
+
+
+def audit_gate(run: Run, loaded: Loaded) -> None:
+    """Refuse (exit 3) before anything runs when no audit record could be written."""
+    try:
+        audit.check_writable(loaded.audit_log)
+    except audit.AuditError:
+        run.audit_refused = True
+        raise
 
 
 def lock(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> None:
@@ -230,6 +240,8 @@ def finish(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
         release_remote_lock(hr)
         release_local_lock(hr.local_lock)
         hr.close()
+        if run.audit_refused:  # the refusal said why; there is nowhere to write
+            continue
         rec = record(run, hr, loaded, opts)
         try:
             audit.append(loaded.audit_log, rec)
@@ -283,12 +295,14 @@ def record(run: Run, hr: HostRun, loaded: Loaded, opts: Options) -> audit.Record
 
 
 def attach_sudo_password(hr: HostRun) -> None:
-    """A sudo host's password from the OS keyring; none stored means passwordless sudo."""
+    """A sudo host's password from the OS keyring (its entry bound to the host's name, user,
+    address and port); none stored means passwordless sudo. An older entry under the host name
+    alone is refused (exit 3), never used."""
     spec = hr.target.settings
     if not spec.sudo:
         return
     try:
-        password = sudo_secrets.get(hr.name, spec.user)
+        password = sudo_secrets.get(hr.target)
     except sudo_secrets.KeyringUnavailable:
         log.debug("no keyring backend; assuming passwordless sudo", host=hr.name)
         hr.endpoint = replace(hr.endpoint, keyring_available=False)
@@ -456,7 +470,7 @@ def verify_only(loaded: Loaded, target: Target, console: Console, *, json_mode: 
     report: Report | None = None
     expected: str | None = None
     try:
-        audit.check_writable(loaded.audit_log)
+        audit_gate(run, loaded)
         run.operator = operator_gate(loaded, run.me)
         host_key_gate([hr.endpoint])
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -484,6 +498,8 @@ def verify_only(loaded: Loaded, target: Target, console: Console, *, json_mode: 
     hr.expected, hr.outcome = expected, outcome
     rec = record(run, hr, loaded, Options())
     rec.event, rec.duration_s = "verify", round(time.monotonic() - started, 3)
+    if run.audit_refused:
+        return outcome.exit_code
     try:
         audit.append(loaded.audit_log, rec)
     except RebuildError as exc:

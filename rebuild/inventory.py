@@ -123,6 +123,34 @@ Seconds = Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=86400)]
 Url = Annotated[str, _check(_URL_RE, "http(s) URL")]
 ExtraArg = Annotated[str, _check(_EXTRA_ARG_RE, "argument (no control characters)")]
 
+# nixos-rebuild flags that rebuild sets itself: in extra_args one would win over rebuild's own
+# (nixos-rebuild takes the last value), so the gates, the evaluation, the lock and verification
+# would cover one thing while another is deployed.
+OWNED_FLAGS = (
+    "--flake", "--target-host", "--build-host", "--sudo", "--use-remote-sudo",
+    "--ask-sudo-password", "--elevate", "--ask-elevate-password", "-S", "--rollback",
+    "--store-path", "--file", "-f", "--attr", "-A", "--no-reexec", "--fast", "--profile-name",
+    "-p", "--specialisation", "-c", "--install-bootloader",
+)  # fmt: skip
+
+
+def _extra_args(args: tuple[str, ...]) -> tuple[str, ...]:
+    for i, arg in enumerate(args):
+        flag = arg.split("=", 1)[0]
+        if flag in OWNED_FLAGS:
+            raise ValueError(
+                f"{arg!r}: rebuild sets {flag} itself (the gates, evaluation and verification "
+                "must cover what is deployed); remove it from extra_args"
+            )
+        if arg == "-I" and i + 1 < len(args) and args[i + 1].startswith("nixos-config="):
+            raise ValueError("'-I nixos-config=...' redefines what is deployed; remove it")
+        if arg.startswith("-Inixos-config=") or arg.startswith("nixos-config="):
+            raise ValueError(f"{arg!r} redefines what is deployed; remove it from extra_args")
+    return args
+
+
+ExtraArgs = Annotated[tuple[ExtraArg, ...], AfterValidator(_extra_args)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
@@ -190,7 +218,7 @@ class HostSettings(_Strict):
     action: Action = "switch"
     tags: tuple[Name, ...] = ()
     rollback_timeout: Seconds = 90
-    extra_args: tuple[ExtraArg, ...] = ()
+    extra_args: ExtraArgs = ()
     use_substitutes: StrictBool = True
     image_variant: Annotated[str, _check(_NAME_RE, "image variant")] = "linode"
     image_output: Annotated[str, _check(_OUTPUT_RE, "flake output path")] | None = None
@@ -221,7 +249,7 @@ class Defaults(_Strict):
     action: Action | None = None
     tags: tuple[Name, ...] | None = None
     rollback_timeout: Seconds | None = None
-    extra_args: tuple[ExtraArg, ...] | None = None
+    extra_args: ExtraArgs | None = None
     use_substitutes: StrictBool | None = None
     image_variant: Annotated[str, _check(_NAME_RE, "image variant")] | None = None
     verify: VerifySpec | None = None
@@ -351,8 +379,15 @@ class Loaded:
 
     @property
     def flake_dir(self) -> Path | None:
-        """The local flake's folder, or None for a flake URL (no git gate applies)."""
-        return None if is_flake_url(self.inventory.flake) else Path(self.flake)
+        """The local flake's folder, in any spelling (`.`, a path, `path:`, `git+file:`,
+        `file:`), so that the git gate applies to it; None for a remote flake."""
+        flake = self.inventory.flake
+        if not is_flake_url(flake):
+            return Path(self.flake)
+        local = local_flake_path(flake)
+        if local is None:
+            return None
+        return (self.path.parent / local).resolve()
 
     @property
     def known_hosts(self) -> Path:
@@ -396,6 +431,23 @@ class Loaded:
         if not chosen:
             raise ConfigError("no host selected: give --host NAME, --tag TAG or --all")
         return chosen
+
+
+def local_flake_path(flake: str) -> Path | None:
+    """The folder of a flake URL that names this machine's file system (`path:/x`,
+    `git+file:///x`, `file:///x`, with any `?query` or `#fragment`), else None."""
+    match = re.match(r"^(?:path|git\+file|file|tarball\+file|sourcehut\+file):(.*)$", flake)
+    if match is None:
+        return None
+    rest = re.split(r"[?#]", match.group(1), maxsplit=1)[0]
+    if rest.startswith("//"):  # file://host/path: only the local host (empty) is local
+        host, _, path = rest[2:].partition("/")
+        if host not in ("", "localhost"):
+            return None
+        rest = "/" + path
+    dir_match = re.search(r"[?&]dir=([^&#]+)", flake)
+    folder = Path(rest or ".")
+    return folder / dir_match.group(1) if dir_match else folder
 
 
 def is_flake_url(flake: str) -> bool:
@@ -480,10 +532,10 @@ def read_text(path: Path) -> str:
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the inventory: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: the inventory must be a regular file")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path}: the inventory must be a regular file")
         data = handle.read(MAX_INVENTORY_BYTES + 1)
     if len(data) > MAX_INVENTORY_BYTES:
         raise ConfigError(f"{path}: the inventory is larger than 1 MiB; is this the right file?")
