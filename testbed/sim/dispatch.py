@@ -92,6 +92,7 @@ SHIM_NAMES = (
     "cat",
     "tee",
     "ls",
+    "tail",
     "sudo",
     "hostname",
     "rbtb-sim",

@@ -26,7 +26,7 @@ from typing import IO, Any
 from testbed.procs import PidRegistry, proc_parent
 from testbed.store import SimError
 
-MAPPED_PREFIXES = ("/run", "/nix/var")
+MAPPED_PREFIXES = ("/run", "/nix/var", "/var/lib")  # /var/lib: rebuild's deployments.jsonl
 SIM_ROOT_MARKER = ".sim-root"
 PROFILE = "/nix/var/nix/profiles/system"
 
@@ -136,7 +136,7 @@ def map_arg(arg: str, root: Path) -> str:
 
 def unmap_text(text: str, root: Path) -> str:
     """Show host paths as the host would: ``$SIM_ROOT/run/x`` -> ``/run/x``."""
-    return re.sub(re.escape(str(root)) + r"(?=/run\b|/nix/var\b)", "", text)
+    return re.sub(re.escape(str(root)) + r"(?=/run\b|/nix/var\b|/var/lib\b)", "", text)
 
 
 # --------------------------------------------------------------------------- state

@@ -1,7 +1,8 @@
 """``sudo``, ``hostname`` and the path-mapping ``readlink``/``mkdir``/``rm``/``rmdir``/``cat``/...
 
-The path shims (``readlink``, ``mkdir``, ``rm``, ``rmdir``, ``cat``, ``tee``, ``ls``) run the real
-coreutils from ``/usr/bin``/``/bin`` with ``/run`` and ``/nix/var`` arguments rewritten into
+The path shims (``readlink``, ``mkdir``, ``rm``, ``rmdir``, ``cat``, ``tee``, ``ls``, ``tail``) run
+the real coreutils from ``/usr/bin``/``/bin`` with ``/run``, ``/nix/var`` and ``/var/lib``
+arguments rewritten into
 ``SIM_ROOT`` (:func:`testbed.sim.host.map_arg`) and host paths shown back in their output, so
 that rebuild's POSIX sh scripts (locks under ``/run``, ``readlink /run/current-system``) behave
 as on NixOS. ``sudo`` is the real sudo(8): the shim finds where the command starts (sudo's
@@ -36,6 +37,7 @@ PATH_SHIMS = {
     "cat": "cat",
     "tee": "tee",
     "ls": "ls",
+    "tail": "tail",
 }
 
 
