@@ -88,6 +88,15 @@ class TestCurrent:
         dbus.write_text(MID + "\n", encoding="ascii")
         assert current((empty, dbus)).machine_id == MID
 
+    def test_a_machine_id_that_is_not_ascii_matches_nobody(self, tmp_path: Path) -> None:
+        """Garbage in /etc/machine-id is an unknown identity (refused by the allowlist), not an
+        internal error."""
+        odd = tmp_path / "machine-id"
+        odd.write_bytes("0123456789abcdef0123456789abcdé".encode())
+        me = current((odd,))
+        assert me.machine_id == ""
+        assert authorize(me, (Operator(name="x", machine_id=MID),)) is None
+
     def test_no_readable_file_gives_empty_id(self, tmp_path: Path) -> None:
         """Without any machine-id file the identity has an empty id (and is never authorized)."""
         me = current((tmp_path / "a", tmp_path / "b"))

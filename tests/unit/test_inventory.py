@@ -205,6 +205,16 @@ class TestDefaults:
         web = load_text(tmp_path, self.TEXT).target("web").settings
         assert (web.user, web.port, web.sudo) == ("admin", 22, True)
 
+    def test_verify_defaults_merge_key_by_key(self, tmp_path: Path) -> None:
+        """A host that sets its own `verify.ports` keeps the `[defaults.verify] units`."""
+        text = (
+            '[defaults.verify]\nunits = ["sshd.service"]\nsettle_timeout = 20\n'
+            '[hosts.vps]\naddress = "203.0.113.10"\n[hosts.vps.verify]\nports = [443]\n'
+        )
+        verify = load_text(tmp_path, text).target("vps").settings.verify
+        assert (verify.units, verify.ports) == (("sshd.service",), (443,))
+        assert verify.settle_timeout == 20
+
     def test_built_in_defaults_without_a_defaults_table(self, tmp_path: Path) -> None:
         """A minimal host gets port 22, user root, action switch and a 90 s dead-man timer."""
         vps = load_text(tmp_path, HOST).target("vps")
@@ -277,6 +287,34 @@ class TestEnvironment:
         loaded = load()
         assert loaded.path == path.resolve()
         assert loaded.target("vps").address == "203.0.113.10"
+
+
+class TestLocalFlakeUrls:
+    @pytest.mark.parametrize(
+        ("flake", "folder"),
+        [
+            ("path:/srv/infra", "/srv/infra"),
+            ("path:/srv/infra?dir=nixos", "/srv/infra/nixos"),
+            ("git+file:///srv/infra?ref=main", "/srv/infra"),
+            ("git+file:/srv/infra", "/srv/infra"),
+            ("file:///srv/infra", "/srv/infra"),
+            ("path:infra", "INV/infra"),
+        ],
+    )
+    def test_a_local_flake_in_any_spelling_gets_the_git_gate(
+        self, tmp_path: Path, flake: str, folder: str
+    ) -> None:
+        """`path:`, `git+file:` and `file:` name this machine's files: the gate checks them."""
+        loaded = load_text(tmp_path, f'flake = "{flake}"\n' + HOST)
+        assert loaded.flake_dir == Path(folder.replace("INV", str(tmp_path))).resolve()
+        assert loaded.flake == flake  # nix still gets the URL as written
+
+    @pytest.mark.parametrize(
+        "flake", ["github:o/r", "git+https://example.org/r.git", "file://other-host/srv/x"]
+    )
+    def test_a_remote_flake_has_no_local_folder(self, tmp_path: Path, flake: str) -> None:
+        """A flake on another machine has no folder here (it is pinned to a revision instead)."""
+        assert load_text(tmp_path, f'flake = "{flake}"\n' + HOST).flake_dir is None
 
 
 class TestPaths:

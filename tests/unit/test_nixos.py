@@ -12,6 +12,8 @@ from rebuild.inventory import HostSettings, Target
 from rebuild.nixos import (
     SshSettings,
     build_image_argv,
+    flake_metadata_argv,
+    locked_flake_ref,
     nix_build_argv,
     nix_eval_argv,
     nix_sshopts,
@@ -229,3 +231,40 @@ class TestSshCannotBeRedirected:
         """No key from DNS or a KnownHostsCommand is trusted."""
         values = option_values(ssh_options(ssh()))
         assert "KnownHostsCommand=none" in values and "VerifyHostKeyDNS=no" in values
+
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+class TestLockedFlakeRef:
+    def test_metadata_argv(self) -> None:
+        """`nix flake metadata --json` with the experimental features, as an argv list."""
+        assert flake_metadata_argv("nix", "github:o/r") == [
+            "nix", "--extra-experimental-features", "nix-command flakes", "flake", "metadata",
+            "--json", "github:o/r",
+        ]  # fmt: skip
+
+    def test_locked_url_of_older_nix(self) -> None:
+        """Nix before 2.20 prints `lockedUrl` with the revision: used as it is."""
+        meta = {"lockedUrl": f"github:o/r/{REV}", "url": "github:o/r"}
+        assert locked_flake_ref("github:o/r", meta) == f"github:o/r/{REV}"
+
+    def test_url_of_newer_nix(self) -> None:
+        """Newer Nix prints the locked URL as `url`."""
+        meta = {"url": f"git+https://example.org/r.git?ref=main&rev={REV}"}
+        assert locked_flake_ref("git+https://example.org/r.git?ref=main", meta) == meta["url"]
+
+    def test_revision_appended_when_only_the_rev_is_given(self) -> None:
+        """Only `revision` (or `locked.rev`): the reference gets `?rev=` (or `&rev=`)."""
+        assert locked_flake_ref("github:o/r", {"revision": REV}) == f"github:o/r?rev={REV}"
+        ref = locked_flake_ref("git+https://e.org/r?ref=main", {"locked": {"rev": REV}})
+        assert ref == f"git+https://e.org/r?ref=main&rev={REV}"
+
+    def test_a_pinned_reference_stays(self) -> None:
+        """A reference that already names a revision is kept."""
+        assert locked_flake_ref(f"github:o/r?rev={REV}", {}) == f"github:o/r?rev={REV}"
+
+    def test_no_revision_means_no_pin(self) -> None:
+        """Metadata without a revision (a dirty or unlockable flake) cannot be pinned."""
+        assert locked_flake_ref("github:o/r", {"url": "github:o/r"}) is None
+        assert locked_flake_ref("github:o/r", {"revision": "not-a-rev"}) is None
