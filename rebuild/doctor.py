@@ -422,7 +422,9 @@ def keyring_state() -> tuple[str | None, str | None]:
         isinstance(backend, chainer.ChainerBackend) and not backend.backends
     ):
         return None, "no OS keyring backend is available on this machine"
-    return f"{type(backend).__module__}.{type(backend).__name__}", None
+    from rebuild.sudo_keyring import backend_name
+
+    return backend_name(), None
 
 
 def gather(inventory: str | None) -> Facts:
