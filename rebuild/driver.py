@@ -206,12 +206,16 @@ def run_nixos_rebuild(
     from rebuild.hostrun import child_env
 
     env = child_env(loaded, hr.target)
+    env["GIT_TERMINAL_PROMPT"] = "0"  # git (fetching a flake input) never asks on the terminal
     log.debug("running nixos-rebuild", host=hr.name, command=hr.command)
     password = hr.endpoint.sudo_password
     responder = None
     if password is not None and hr.target.settings.sudo and hr.action != "build":
-        legacy = hr.target.settings.sudo_flag != "--sudo"
-        responder = process.Responder(password, max_answers=LEGACY_SUDO_PROMPTS if legacy else 1)
+        # only the exact prompts this command prints for this host's sudo are answered
+        prompts = process.nixos_rebuild_prompts(
+            hr.command, hr.target.settings.user, sudo_sessions=LEGACY_SUDO_PROMPTS
+        )
+        responder = process.Responder(password, prompts) if prompts else None
     complaint: list[str] = []
 
     def on_line(line: str) -> None:
@@ -222,6 +226,8 @@ def run_nixos_rebuild(
     done = process.stream(hr.command, env=env, on_line=on_line, cancel=cancel, responder=responder)
     if done.ok:
         return done, ""
+    if responder is not None and responder.refused is not None:
+        return done, f"{hr.name}: nixos-rebuild was stopped: {responder.refused}"
     return done, build_failure(hr, done, responder, complaint[0] if complaint else "")
 
 

@@ -13,6 +13,7 @@ import getpass
 import json
 import os
 import re
+import select
 import shlex
 import subprocess
 import sys
@@ -344,6 +345,10 @@ def _build_one(result: Evaluated, store: Path, dry_run: bool) -> str:
     if dry_run:
         return out
     _err(f"building '{drv}'...")
+    # a build that asks for a credential on its terminal, as git or ssh do when a private flake
+    # input needs one: `build_prompt` in the config (tests prove rebuild never answers it)
+    if result.config.get("build_prompt"):
+        _ask_terminal(str(result.config["build_prompt"]), result.config.get("build_prompt_record"))
     # a slow build, for tests that interrupt or race a deploy: `build_seconds` in the config
     delay = min(float(str(result.config.get("build_seconds") or 0)), 600.0)
     if delay > 0:
@@ -358,6 +363,33 @@ def _build_one(result: Evaluated, store: Path, dry_run: bool) -> str:
     if result.kind == "system":
         return build_system(store, result.attr, result.config)
     return build_image(store, result.attr, result.config, result.variant)
+
+
+def _ask_terminal(prompt: str, record: object) -> None:
+    """Print `prompt` on /dev/tty and wait (bounded) for a line, like a credential prompt that
+    the environment cannot silence (libgit2 and ssh ignore GIT_TERMINAL_PROMPT). JSON lines go
+    to the file `record` (when given): that it asked (with the GIT_TERMINAL_PROMPT it saw), then
+    what it read, if anything."""
+
+    def note(**entry: object) -> None:
+        if record:
+            with Path(str(record)).open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+    note(asked=prompt, GIT_TERMINAL_PROMPT=os.environ.get("GIT_TERMINAL_PROMPT"))
+    try:
+        tty = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError as exc:
+        raise SimError(f"could not read {prompt.strip()} {exc.strerror}") from None
+    try:
+        os.write(tty, prompt.encode())
+        ready, _, _ = select.select([tty], [], [], 120)
+        answer = os.read(tty, 4096).decode(errors="replace") if ready else ""
+    finally:
+        os.close(tty)
+    note(read=answer)
+    if not answer.strip():
+        raise SimError(f"could not read {prompt.strip()} no answer")
 
 
 def _link_result(out: str, link: str) -> None:

@@ -31,6 +31,7 @@ from tests.support import users as testusers
 FILE_BACKEND = "tests.keyring_backend.FileKeyring"
 HEADLESS_BACKEND = "keyring.backends.fail.Keyring"
 PASSWORD = "rb-" + secrets.token_urlsafe(18)  # one per test session; never in any argv
+GIT_PROMPT = "Password for 'https://alice@example.com': "  # git's, for a private flake input
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,11 @@ def store_password(d: Deployment, keyring_file: Path, password: str) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert password not in done.stdout + done.stderr
+
+
+def entry(d: Deployment, user: str | None = None) -> str:
+    """The keyring file's key of vps's entry: bound to name, user, address and port."""
+    return f"rebuild/vps:{user or d.host.user}@{d.host.address}:{d.host.port}"
 
 
 def no_waiting_timer(d: Deployment) -> bool:
@@ -176,7 +182,8 @@ class TestPasswordSudo:
         user = accounts["password"]
         d = as_user(make_deployment(bed), user.name, sudo=True)
         store_password(d, keyring_file, PASSWORD)
-        assert PASSWORD in keyring_file.read_text()  # where it lives: the keyring only
+        # where it lives: the keyring only, bound to this login on this address
+        assert json.loads(keyring_file.read_text()) == {entry(d, user.name): PASSWORD}
         secret = PASSWORD.encode()
         uid = int(subprocess.run(["id", "-u", user.name], capture_output=True, text=True,
                                  check=True).stdout)  # fmt: skip
@@ -265,15 +272,55 @@ class TestPasswordSudo:
         assert record["result"] == "build_failed" and record["exit_code"] == 5
         assert wrong not in json.dumps(record)
 
+    def test_a_git_password_prompt_is_never_answered(
+        self,
+        bed: Testbed,
+        accounts: dict[str, testusers.TestUser],
+        keyring_file: Path,
+        tmp_path: Path,
+    ) -> None:
+        """The build asks for a private flake input's git password on the terminal (after ng's
+        sudo prompt was answered): never answered, nixos-rebuild stopped, exit 5, the message
+        names the prompt and the fix; the password never reached the prompt; nixos-rebuild ran
+        with GIT_TERMINAL_PROMPT=0; host unchanged, timer gone, lock released."""
+        d = as_user(make_deployment(bed), accounts["password"].name, sudo=True)
+        store_password(d, keyring_file, PASSWORD)
+        record = tmp_path / "git-prompt.jsonl"
+        d.set_config("vps", config("v2", d.web_port, build_prompt=GIT_PROMPT,
+                                   build_prompt_record=str(record)))  # fmt: skip
+        before = d.host.current_system()
+        started = time.monotonic()
+        done = d.invoke("rebuild", "--host", "vps", "--yes", timeout=120,
+                        **keyring_env(keyring_file))  # fmt: skip
+        assert done.returncode == 5, done.stdout + done.stderr
+        assert time.monotonic() - started < 90
+        assert (
+            "nixos-rebuild was stopped: git asked for a password for https://alice@example.com"
+            in done.stderr
+        )
+        assert "rebuild answers only sudo's prompt ('[sudo] password for " in done.stderr
+        assert "make the flake input reachable without a password" in done.stderr
+        assert done.stdout.count("(answered by rebuild)") == 1  # ng's sudo prompt only
+        assert f"{GIT_PROMPT.rstrip()} (not answered by rebuild)" in done.stdout
+        asked = [json.loads(line) for line in record.read_text().splitlines()]
+        assert asked == [{"asked": GIT_PROMPT, "GIT_TERMINAL_PROMPT": "0"}]  # nothing read
+        assert PASSWORD not in done.stdout + done.stderr + d.audit_log.read_text()
+        assert d.host.current_system() == before
+        assert no_waiting_timer(d)
+        assert not (d.host.root / "run" / "rebuild-lock").exists()
+        rec = d.records()[-1]
+        assert rec["result"] == "build_failed" and rec["exit_code"] == 5
+
 
 class TestSecretTask:
     def test_set_from_stdin_and_clear(self, testbed: Testbed, keyring_file: Path) -> None:
-        """`secret set --stdin` stores under service rebuild / the host's name; `clear`
-        removes it, a second clear says there is nothing; bad usage exits 2 or 3."""
+        """`secret set --stdin` stores under service rebuild, bound to the host's name, user,
+        address and port; `clear` removes it, a second clear says there is nothing; bad usage
+        exits 2 or 3."""
         d = make_deployment(testbed)
         env = keyring_env(keyring_file)
         store_password(d, keyring_file, PASSWORD)
-        assert json.loads(keyring_file.read_text()) == {"rebuild/vps": PASSWORD}
+        assert json.loads(keyring_file.read_text()) == {entry(d): PASSWORD}
         done = d.invoke("secret", "clear", "--host", "vps", **env)
         assert done.returncode == 0 and "removed" in done.stdout
         assert json.loads(keyring_file.read_text()) == {}
@@ -315,7 +362,28 @@ class TestSecretTask:
         assert child.exitstatus == 0, transcript
         assert PASSWORD not in transcript
         assert "stored the sudo password of vps" in transcript
-        assert json.loads(keyring_file.read_text()) == {"rebuild/vps": PASSWORD}
+        assert json.loads(keyring_file.read_text()) == {entry(d): PASSWORD}
+
+    def test_old_entry_is_refused_until_stored_again(
+        self, testbed: Testbed, keyring_file: Path
+    ) -> None:
+        """An entry of an older rebuild (the host name alone, not bound to an address): a
+        sudo deploy is refused (exit 3) before anything runs, naming `invoke secret set` and
+        `clear`; `secret set` stores the bound entry and removes the old one."""
+        d = make_deployment(testbed)
+        as_user(d, d.host.user, sudo=True)
+        env = keyring_env(keyring_file)
+        keyring_file.write_text(json.dumps({"rebuild/vps": PASSWORD}))
+        done = d.invoke("rebuild", "--host", "vps", "--yes", **env)
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert "older rebuild" in done.stderr and "not bound to a user and address" in done.stderr
+        assert "invoke secret set --host vps" in done.stderr
+        assert "invoke secret clear --host vps" in done.stderr
+        assert PASSWORD not in done.stdout + done.stderr
+        assert d.nixos_rebuild_calls() == []
+        assert d.records()[-1]["result"] == "refused"
+        store_password(d, keyring_file, PASSWORD)
+        assert json.loads(keyring_file.read_text()) == {entry(d): PASSWORD}
 
 
 # --- helpers --------------------------------------------------------------------------------

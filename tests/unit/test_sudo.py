@@ -4,6 +4,7 @@ what sudo's complaints mean (rebuild.remote), nixos-rebuild's flags, the deploy'
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,20 +56,67 @@ def vps(**settings: Any) -> Target:
 
 class TestKeyring:
     def test_round_trip(self, memory_keyring: MemoryKeyring) -> None:
-        """set stores under service rebuild and the host's name; clear removes it once."""
-        assert secrets.get("vps") is None
-        secrets.store("vps", PASSWORD)
-        assert memory_keyring.store == {("rebuild", "vps"): PASSWORD}
-        assert secrets.get("vps") == PASSWORD
-        assert secrets.clear("vps") is True
-        assert secrets.clear("vps") is False
-        assert secrets.get("vps") is None
+        """set stores under service rebuild, bound to name, user, address and port; clear
+        removes it once."""
+        target = vps(sudo=True)
+        assert secrets.get(target) is None
+        secrets.store(target, PASSWORD)
+        assert memory_keyring.store == {("rebuild", "vps:deploy@203.0.113.10:22"): PASSWORD}
+        assert secrets.get(target) == PASSWORD
+        assert secrets.clear(target) is True
+        assert secrets.clear(target) is False
+        assert secrets.get(target) is None
+
+    @pytest.mark.parametrize(
+        "changed",
+        [{"address": "198.51.100.7"}, {"user": "admin"}, {"port": 2222}],
+    )
+    def test_entry_is_bound_to_user_address_and_port(
+        self, memory_keyring: MemoryKeyring, changed: dict[str, Any]
+    ) -> None:
+        """The same host name with another address, user or port finds no password: a host
+        moved in the inventory never receives the password stored for its old address."""
+        secrets.store(vps(sudo=True), PASSWORD)
+        moved = Target("vps", HostSettings(**{"address": "203.0.113.10", "user": "deploy",
+                                              "sudo": True, **changed}))  # fmt: skip
+        assert secrets.get(moved) is None
+
+    def test_entry_names(self) -> None:
+        assert secrets.entry_name(vps()) == "vps:deploy@203.0.113.10:22"
+        v6 = Target("web", HostSettings(address="2001:db8::10", port=2200))
+        assert secrets.entry_name(v6) == "web:root@[2001:db8::10]:2200"
+
+    def test_old_entry_under_the_host_name_is_never_used(
+        self, memory_keyring: MemoryKeyring
+    ) -> None:
+        """An older rebuild's entry (host name alone, not bound to an address) is refused
+        (exit 3), naming `invoke secret set` and `clear`; its password is not returned."""
+        memory_keyring.store[("rebuild", "vps")] = PASSWORD
+        with pytest.raises(secrets.UnboundEntry) as caught:
+            secrets.get(vps(sudo=True))
+        message = str(caught.value)
+        assert caught.value.exit_code == 3
+        assert "older rebuild" in message and "not bound to a user and address" in message
+        assert "invoke secret set --host vps" in message
+        assert "invoke secret clear --host vps" in message
+        assert "deploy@203.0.113.10 port 22" in message and PASSWORD not in message
+
+    def test_bound_entry_wins_over_an_old_one(self, memory_keyring: MemoryKeyring) -> None:
+        memory_keyring.store[("rebuild", "vps")] = "old-" + PASSWORD
+        secrets.store(vps(), PASSWORD)
+        assert secrets.get(vps()) == PASSWORD
+
+    def test_clear_removes_the_old_entry_too(self, memory_keyring: MemoryKeyring) -> None:
+        memory_keyring.store[("rebuild", "vps")] = PASSWORD
+        assert secrets.clear(vps()) is True
+        assert memory_keyring.store == {}
 
     def test_no_backend_is_one_clear_error(self, no_keyring: None) -> None:
         """A headless machine: a ConfigError (exit 2) naming both ways out, for every call."""
-        for call in (lambda: secrets.get("vps", "deploy"),
-                     lambda: secrets.store("vps", PASSWORD, "deploy"),
-                     lambda: secrets.clear("vps", "deploy")):  # fmt: skip
+        target = vps(sudo=True)
+        for call in (lambda: secrets.get(target),
+                     lambda: secrets.store(target, PASSWORD),
+                     lambda: secrets.clear(target)):  # fmt: skip
             with pytest.raises(secrets.KeyringUnavailable) as caught:
                 call()
             message = str(caught.value)
@@ -76,6 +124,44 @@ class TestKeyring:
             assert "passwordless sudo for the deploy user (deploy)" in message
             assert "keyrings.alt" in message and "PYTHON_KEYRING_BACKEND" in message
             assert PASSWORD not in message
+
+
+# Run in a fresh interpreter: reading a password turns core dumps off for good.
+CORE_PROBE = """
+import ctypes, json, resource, sys
+import keyring
+from rebuild import sudo_keyring
+from rebuild.inventory import HostSettings, Target
+from tests.keyring_backend import MemoryKeyring
+
+keyring.set_keyring(MemoryKeyring())
+soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))  # dumps on, as far as allowed
+before = resource.getrlimit(resource.RLIMIT_CORE)
+libc = ctypes.CDLL(None, use_errno=True)
+dumpable_before = libc.prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+target = Target("vps", HostSettings(address="203.0.113.10", user="deploy", sudo=True))
+sudo_keyring.store(target, "pw-" + "x" * 8)
+assert sudo_keyring.get(target) == "pw-" + "x" * 8
+print(json.dumps({"before": before, "after": resource.getrlimit(resource.RLIMIT_CORE),
+                  "dumpable_before": dumpable_before, "dumpable": libc.prctl(3, 0, 0, 0, 0)}))
+"""
+
+
+class TestCoreDumps:
+    def test_reading_a_password_turns_core_dumps_off(self) -> None:
+        """After the keyring is read: RLIMIT_CORE is (0, 0) (children inherit it) and the
+        process is not dumpable (PR_GET_DUMPABLE 0)."""
+        import subprocess
+        import sys
+
+        repo = Path(__file__).resolve().parents[2]
+        done = subprocess.run([sys.executable, "-c", CORE_PROBE], capture_output=True,
+                              text=True, timeout=60, check=False, cwd=repo)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        seen = json.loads(done.stdout)
+        assert seen["dumpable_before"] == 1
+        assert seen["after"] == [0, 0] and seen["dumpable"] == 0
 
 
 class TestReadPassword:
@@ -196,11 +282,20 @@ def host_run(target: Target) -> hostrun.HostRun:
 
 class TestDeployWiring:
     def test_password_from_the_keyring(self, memory_keyring: MemoryKeyring) -> None:
-        secrets.store("vps", PASSWORD)
+        secrets.store(vps(sudo=True), PASSWORD)
         hr = host_run(vps(sudo=True))
         deploy.attach_sudo_password(hr)
         assert hr.endpoint.sudo_password == PASSWORD
         assert PASSWORD not in repr(hr.endpoint)
+
+    def test_old_unbound_entry_refuses_the_deploy(self, memory_keyring: MemoryKeyring) -> None:
+        """Only an old entry under the host name: the deploy is refused (exit 3) before
+        anything runs, and the password is not attached."""
+        memory_keyring.store[("rebuild", "vps")] = PASSWORD
+        hr = host_run(vps(sudo=True))
+        with pytest.raises(GateRefused, match="invoke secret set --host vps"):
+            deploy.attach_sudo_password(hr)
+        assert hr.endpoint.sudo_password is None
 
     def test_no_password_stored_means_passwordless(self, memory_keyring: MemoryKeyring) -> None:
         hr = host_run(vps(sudo=True))
@@ -220,7 +315,7 @@ class TestDeployWiring:
 
     def test_rejected_password_message(self) -> None:
         hr = host_run(vps(sudo=True))
-        responder = process.Responder(PASSWORD)
+        responder = process.Responder(PASSWORD, {"[sudo] password for deploy@203.0.113.10: ": 1})
         responder.rejected = True
         done = process.Completed(("nr",), 1, "", "Sorry, try again.")
         message = driver.build_failure(hr, done, responder)
@@ -242,7 +337,7 @@ class TestDeployWiring:
         """--use-remote-sudo with a stored password, and sudo still wanted one: the message
         says to use --sudo (nixos-rebuild-ng), not to store a password."""
         hr = host_run(vps(sudo=True, sudo_flag="--use-remote-sudo"))
-        responder = process.Responder(PASSWORD, max_answers=16)
+        responder = process.Responder(PASSWORD, {"[sudo] password for deploy: ": 16})
         complaint = "sudo: a terminal is required to read the password"
         done = process.Completed(("nr",), 1, "", "x")
         message = driver.build_failure(hr, done, responder, complaint)
