@@ -50,6 +50,22 @@ def _usage_errors_exit_2() -> None:
 _usage_errors_exit_2()
 
 
+def _ctrl_c_interrupts() -> None:
+    """An operator's Ctrl-C must stop rebuild at every moment. A program started with SIGINT
+    ignored (a background job of a non-interactive shell: CI runners, scripts with `&`) keeps
+    it ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C and `kill -INT`
+    would be lost and the deploy would go on. rebuild takes SIGINT back before any task runs."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_ctrl_c_interrupts()
+
+
 def _need(host: str) -> None:
     """Tasks about one host require --host (Invoke would otherwise take it positionally)."""
     if not host:

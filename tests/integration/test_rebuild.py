@@ -7,11 +7,20 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pexpect
 import pytest
 
 from tests.integration.conftest import Deployment, config, git
+from tests.integration.interrupts import SIGINT_DISPOSITIONS, Watched, busy_cores, launch
+
+
+@pytest.fixture
+def busy_cpu() -> Iterator[None]:
+    """Every core busy while the test runs: an operator's loaded machine."""
+    with busy_cores():
+        yield
 
 
 class TestGoodDeploy:
@@ -136,16 +145,22 @@ class TestPrompt:
         assert d.records()[-1]["result"] == "declined"
         assert not (d.host.root / "run" / "rebuild-lock").exists()
 
-    def test_ctrl_c_at_the_prompt_declines_cleanly(self, deployment: Deployment) -> None:
-        """Ctrl-C at the prompt exits 4 without a traceback; lock released, audit written."""
+    @pytest.mark.usefixtures("busy_cpu")
+    @pytest.mark.parametrize("sigint", SIGINT_DISPOSITIONS)
+    def test_ctrl_c_at_the_prompt_declines_cleanly(
+        self, deployment: Deployment, sigint: str
+    ) -> None:
+        """Ctrl-C at the prompt exits 4 without a traceback; lock released, audit written; on
+        a busy machine, and when rebuild was started with SIGINT ignored."""
         d = deployment
-        child = self.spawn(d)
-        child.expect_exact("[y/N] ")
+        argv = launch(d.argv("rebuild", "--host", "vps"), sigint)
+        child = pexpect.spawn(argv[0], argv[1:], env=d.env(), encoding="utf-8", timeout=60)
+        child.expect_exact("[y/N] ")  # the phase: rebuild waits for the answer
         child.sendintr()
-        child.expect(pexpect.EOF)
+        child.expect(pexpect.EOF, timeout=30)
         out = child.before
         child.close()
-        assert child.exitstatus == 4
+        assert child.exitstatus == 4, out
         assert "Traceback" not in out
         assert d.records()[-1]["result"] == "declined"
         assert not (d.host.root / "run" / "rebuild-lock").exists()
@@ -248,24 +263,23 @@ class TestLocks:
 
 
 class TestInterrupt:
-    def test_sigint_during_nixos_rebuild(self, deployment: Deployment) -> None:
-        """Ctrl-C during nixos-rebuild: child stopped, exit 130, lock released, audit written."""
+    @pytest.mark.usefixtures("busy_cpu")
+    @pytest.mark.parametrize("sigint", SIGINT_DISPOSITIONS)
+    def test_sigint_during_nixos_rebuild(self, deployment: Deployment, sigint: str) -> None:
+        """Ctrl-C during nixos-rebuild's build: child stopped, exit 130, lock released, audit
+        written; on a busy machine, and when rebuild was started with SIGINT ignored."""
         d = deployment
-        d.set_config("vps", config("v2", d.web_port, build_seconds=20))
-        proc = subprocess.Popen(
-            d.argv("rebuild", "--host", "vps", "--yes"),
-            env=d.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not d.nixos_rebuild_calls():
-            time.sleep(0.2)
-        time.sleep(1.5)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, out + err
+        d.set_config("vps", config("v2", d.web_port, build_seconds=60))
+        run = Watched(launch(d.argv("rebuild", "--host", "vps", "--yes"), sigint), d.env())
+        try:
+            run.wait_for("[vps] building '", timeout=90)  # the phase: nixos-rebuild builds
+            started = time.monotonic()
+            run.proc.send_signal(signal.SIGINT)
+            code, out, err = run.finish(timeout=60)
+        finally:
+            run.kill()
+        assert code == 130, out + err
+        assert time.monotonic() - started < 30  # stopped, not waited for
         assert "Traceback" not in err
         assert d.records()[-1]["result"] == "interrupted"
         assert not (d.host.root / "run" / "rebuild-lock").exists()
