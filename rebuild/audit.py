@@ -37,6 +37,11 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return now.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
+def now_iso() -> str:
+    """The current time as the audit writes it: ISO 8601 UTC, to the second."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
 @dataclass
 class Record:
     """One host's outcome of one run; filled in as the run goes, written exactly once."""
@@ -49,9 +54,7 @@ class Record:
     attr: str
     operator: dict[str, str]
     event: str = "rebuild"
-    timestamp: str = field(
-        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    )
+    timestamp: str = field(default_factory=now_iso)
     commit: str | None = None
     dirty: bool = False
     overrides: list[str] = field(default_factory=list)

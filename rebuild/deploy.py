@@ -28,11 +28,12 @@ from rebuild.errors import (
 from rebuild.gates import git_gate, host_key_gate, operator_gate, terminal_gate
 from rebuild.hostrun import (
     HostRun,
+    builder_endpoint,
     endpoint_for,
     expected_system,
     locked_flake,
     previous_generation,
-    remove_control_dir,
+    remove_run_dir,
     verify_host,
 )
 from rebuild.inventory import Loaded, Target
@@ -129,7 +130,7 @@ def run_hosts(
             return 0
         confirm(runs, opts, loaded, console)
         changing = True
-        return rollout(runs, plan, loaded, opts, console, cancel)
+        return rollout(run, runs, plan, loaded, opts, console, cancel)
     except KeyboardInterrupt:
         cancel.set()
         exc: RebuildError = (
@@ -163,10 +164,12 @@ def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> Non
         attach_sudo_password(hr)
         hr.command = nixos.nixos_rebuild_argv(
             loaded.nixos_rebuild_program, hr.action, run.flake, hr.target,
+            flavour=loaded.inventory.nixos_rebuild_flavour,
             rollback=opts.rollback_generation,
             ask_sudo_password=hr.endpoint.sudo_password is not None,
         )  # fmt: skip
-    host_key_gate(hr.endpoint for hr in runs)
+    builders = [builder_endpoint(loaded, hr.target) for hr in runs]
+    host_key_gate([hr.endpoint for hr in runs] + [b for b in builders if b is not None])
     terminal_gate(yes=opts.yes, dry_run=opts.dry_run)
     if not opts.rollback_generation:
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
@@ -193,6 +196,8 @@ def lock(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> None:
         run_id=run.run_id, operator=run.operator, hostname=run.me.hostname,
         machine_id=run.me.machine_id, pid=os.getpid(), since=time.time(),
     )  # fmt: skip
+    for hr in runs:
+        hr.start_record = host_record(run, hr, hr.expected, "started")
     errors = _parallel(
         runs,
         lambda hr: remote_lock(hr, owner, run.me, break_lock=opts.break_lock,
@@ -205,6 +210,22 @@ def lock(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> None:
     if opts.rollback_generation:
         for hr in runs:
             hr.expected = previous_generation(hr)
+
+
+def host_record(run: Run, hr: HostRun, system: str | None, result: str) -> str:
+    """A line for the host's own deploy log (/var/lib/rebuild/deployments.jsonl), so that
+    another operator machine, or `invoke status`, learns who deployed what."""
+    state = run.state
+    return hostops.deploy_record(
+        run_id=run.run_id,
+        timestamp=audit.now_iso(),
+        operator={"name": run.operator, "machine_id": run.me.machine_id},
+        commit=state.commit if state else None,
+        dirty=bool(state and state.dirty),
+        action=hr.action,
+        system=system,
+        result=result,
+    )
 
 
 def make_plan(run: Run, runs: list[HostRun], opts: Options, flake: str) -> Plan:
@@ -234,12 +255,18 @@ def finish(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
     audited = True
     # all held host locks at once: a refused or declined fleet run must not pay a round
     # trip per host, one host after the other, before it exits (the loop below retries)
+    for hr in runs:
+        if hr.remote_locked:
+            outcome = outcome_of(hr)
+            hr.final_record = host_record(run, hr, outcome.final_system, str(outcome.result))
     with contextlib.suppress(Exception):
         _parallel([hr for hr in runs if hr.remote_locked], release_remote_lock, opts.jobs)
     for hr in runs:
         release_remote_lock(hr)
         release_local_lock(hr.local_lock)
         hr.close()
+        for warning in hr.warnings:
+            console.notice(f"warning: [{hr.name}] {warning}")
         if run.audit_refused:  # the refusal said why; there is nowhere to write
             continue
         rec = record(run, hr, loaded, opts)
@@ -250,7 +277,7 @@ def finish(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
             console.error(f"the audit record of {hr.name} was not written: {exc}; it follows")
             console.notice(json.dumps(audit.redact_value(rec.to_json()), sort_keys=True))
         hooks.run_hooks(loaded, rec, console)
-    remove_control_dir()
+    remove_run_dir()
     if opts.json:
         for hr in runs:
             console.json(host_json(hr))
@@ -291,6 +318,7 @@ def record(run: Run, hr: HostRun, loaded: Loaded, opts: Options) -> audit.Record
         ),
         duration_s=round(time.monotonic() - hr.started, 3),
         timings={phase: round(seconds, 3) for phase, seconds in hr.timings.items()},
+        extra={"warnings": list(hr.warnings)} if hr.warnings else {},
     )
 
 
@@ -380,7 +408,7 @@ def setup_for(hr: HostRun, opts: Options, loaded: Loaded) -> Setup:
 LOST_GRACE = 20.0  # seconds past the timer's deadline before concluding a host is gone
 
 
-def deploy_one(hr: HostRun, loaded: Loaded, opts: Options, console: Console,
+def deploy_one(run: Run, hr: HostRun, loaded: Loaded, opts: Options, console: Console,
                cancel: threading.Event) -> None:  # fmt: skip
     """One host's deploy to its Outcome; never raises (a bug is an `error` outcome)."""
     deploy = Deploy(hr, setup_for(hr, opts, loaded), loaded, console, cancel)
@@ -393,13 +421,15 @@ def deploy_one(hr: HostRun, loaded: Loaded, opts: Options, console: Console,
         )
     finally:
         hr.timings.update(deploy.timings)
+        outcome = outcome_of(hr)
+        hr.final_record = host_record(run, hr, outcome.final_system, str(outcome.result))
         release_remote_lock(hr)
     if hr.outcome.exit_code != 0:
         console.error(hr.outcome.message)
 
 
-def rollout(runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Options, console: Console,
-            cancel: threading.Event) -> int:  # fmt: skip
+def rollout(run: Run, runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Options,
+            console: Console, cancel: threading.Event) -> int:  # fmt: skip
     by_name = {hr.name: hr for hr in runs}
     failures = 0
     for batch in plan.batches:
@@ -413,7 +443,9 @@ def rollout(runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Options, cons
                 release_remote_lock(hr)
             continue
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-            futures = [pool.submit(deploy_one, hr, loaded, opts, console, cancel) for hr in group]
+            futures = [
+                pool.submit(deploy_one, run, hr, loaded, opts, console, cancel) for hr in group
+            ]
             pending = set(futures)
             try:
                 while pending:

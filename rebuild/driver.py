@@ -9,18 +9,20 @@ the core with nixos-rebuild's exit. It shares no mutable object with the driver.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import structlog
 
-from rebuild import core, hostops, process
+from rebuild import audit, core, hostops, process
 from rebuild.console import Console
 from rebuild.errors import RebuildError
-from rebuild.hostrun import HostRun, current_system, verify_host
+from rebuild.hostrun import HostRun, child_env, current_system, run_dir, verify_host
 from rebuild.inventory import Loaded
 from rebuild.remote import sudo_problem
 from rebuild.results import Result
@@ -203,8 +205,6 @@ def run_nixos_rebuild(
 ) -> tuple[process.Completed, str]:
     """Run the host's nixos-rebuild command, answering its sudo prompt when a password is
     stored; returns what it did and, when it failed, why (for the operator)."""
-    from rebuild.hostrun import child_env
-
     env = child_env(loaded, hr.target)
     env["GIT_TERMINAL_PROMPT"] = "0"  # git (fetching a flake input) never asks on the terminal
     log.debug("running nixos-rebuild", host=hr.name, command=hr.command)
@@ -223,12 +223,31 @@ def run_nixos_rebuild(
             complaint.append(line)
         console.host_line(hr.name, line)
 
-    done = process.stream(hr.command, env=env, on_line=on_line, cancel=cancel, responder=responder)
+    folder = work_folder(hr, loaded)
+    done = process.stream(
+        hr.command, env=env, cwd=str(folder), on_line=on_line, cancel=cancel, responder=responder
+    )
     if done.ok:
+        result = folder / "result"
+        if hr.action == "build" and result.is_symlink():
+            console.host_line(hr.name, f"built: {result} -> {os.path.realpath(result)}")
         return done, ""
     if responder is not None and responder.refused is not None:
         return done, f"{hr.name}: nixos-rebuild was stopped: {responder.refused}"
     return done, build_failure(hr, done, responder, complaint[0] if complaint else "")
+
+
+def work_folder(hr: HostRun, loaded: Loaded) -> Path:
+    """Where nixos-rebuild runs, so its `result` link never lands in the flake's tree (the
+    next deploy would be refused as dirty): `build` keeps it in the state folder
+    (`results/<host>/result`, a GC root the operator can use); every other action runs in the
+    run's private folder, removed at its end."""
+    if hr.action != "build":
+        return run_dir()
+    folder = loaded.audit_log.parent / "results" / hr.name
+    audit.private_dir(folder.parent)
+    audit.private_dir(folder)
+    return folder
 
 
 def build_failure(
@@ -248,11 +267,11 @@ def build_failure(
     if complaint:
         problem = sudo_problem(hr.endpoint, complaint)
         if problem is not None and responder is not None and "needs a password" in problem:
-            flag = hr.target.settings.sudo_flag
             problem = (
                 f"sudo on {hr.name} asked for a password that nixos-rebuild did not hand over "
-                f"({flag}); with nixos-rebuild-ng (NixOS 25.05 and later) set "
-                f'sudo_flag = "--sudo" for {hr.name}: rebuild then passes --ask-sudo-password'
+                "(--use-remote-sudo: classic nixos-rebuild); if this machine's nixos-rebuild is "
+                'nixos-rebuild-ng, set nixos_rebuild_flavour = "ng": rebuild then passes '
+                "--sudo --ask-sudo-password"
             )
         if problem is not None:
             return f"{hr.name}: nixos-rebuild exited {done.returncode}: {problem}"

@@ -68,12 +68,34 @@ def parse_owner(text: str) -> LockOwner | None:
         return None
 
 
-def acquire_script(owner: LockOwner) -> str:
-    """Take the lock atomically (mkdir) and report the systems, in one round trip."""
+DEPLOY_LOG = "/var/lib/rebuild/deployments.jsonl"
+RECORD_FAILED = "record-failed"
+
+
+def deploy_record(**fields: object) -> str:
+    """One line of the host's own deploy log: `run_id`, `timestamp`, `operator` (`name`,
+    `machine_id`), `commit`, `dirty`, `action`, `system`, `result` (the contract's)."""
+    return json.dumps(fields, sort_keys=True)
+
+
+def _append_record(line: str) -> str:
+    """Append a line to the host's deploy log, bounded and never failing the script: a
+    failure is reported (`record-failed`) for a warning, the deploy goes on."""
+    return (
+        f"{{ mkdir -p {DEPLOY_LOG.rsplit('/', 1)[0]} && printf '%s\\n' {quote(line)} "
+        f"| timeout 10 tee -a {DEPLOY_LOG} >/dev/null; }} 2>/dev/null "
+        f"|| echo '{MARK} {RECORD_FAILED}'"
+    )
+
+
+def acquire_script(owner: LockOwner, record: str | None = None) -> str:
+    """Take the lock atomically (mkdir), note the deploy in the host's own log, and report the
+    systems, in one round trip."""
+    note = f"\n  {_append_record(record)}" if record else ""
     return f"""\
 echo '{MARK} lock'
 if err=$(LC_ALL=C mkdir {LOCK_DIR} 2>&1); then
-  printf '%s\\n' {quote(owner.to_json())} | tee {LOCK_DIR}/owner >/dev/null && echo acquired
+  printf '%s\\n' {quote(owner.to_json())} | tee {LOCK_DIR}/owner >/dev/null && echo acquired{note}
 elif ls -d {LOCK_DIR} >/dev/null 2>&1; then
   echo held; cat {LOCK_DIR}/owner 2>/dev/null; echo
 else
@@ -85,12 +107,19 @@ echo '{MARK} end'
 """
 
 
-def release_script(run_id: str) -> str:
-    """Remove the lock only if it is still ours."""
+def release_script(run_id: str, record: str | None = None) -> str:
+    """Note how the deploy ended in the host's own log, then remove the lock, only if it is
+    still ours (one round trip)."""
+    note = f"{_append_record(record)}; " if record else ""
     return (
         f"if cat {LOCK_DIR}/owner 2>/dev/null | grep -qF {quote(run_id)}; then "
-        f"rm -rf {LOCK_DIR}; fi; true\n"
+        f"{note}rm -rf {LOCK_DIR}; fi; true\n"
     )
+
+
+def record_failed(output: str) -> bool:
+    """Did the host refuse the line for its deploy log?"""
+    return f"{MARK} {RECORD_FAILED}" in output
 
 
 def break_script(stale_run_id: str) -> str:
@@ -151,10 +180,7 @@ def arm_timer_script(run_id: str, previous: str, seconds: int,
     """(Re-)schedule the rollback to `previous` in `seconds`; the old timer of this run goes.
     With `owner`, the lock is refreshed first (and nothing is armed if it is lost)."""
     unit = timer_unit(run_id)
-    restore = (
-        f"nix-env -p {SYSTEM_PROFILE} --set {quote(previous)} && "
-        f"{quote(previous + '/bin/switch-to-configuration')} switch"
-    )
+    restore = restore_command(previous)
     # A timer that already fired is left alone (`fired`): the caller must learn that the host
     # restored itself, and re-arming it would roll back once more later. A run whose lock was
     # broken by another run arms nothing (`lock-lost` and the new holder).
@@ -224,14 +250,34 @@ def timer_elapsed(show_output: str) -> bool:
     return fields.get("SubState") == "elapsed"
 
 
+SWITCH_LOCK = "/run/nixos/switch-to-configuration.lock"
+RESTORE_TRIES = 5
+SWITCH_WAIT = 300  # seconds a restore waits for a switch that is still running
+
+
+def restore_command(previous: str) -> str:
+    """Put `previous` back so that what runs and what boots agree: wait (bounded) for a switch
+    that is still running (switch-to-configuration holds a non-blocking flock on
+    /run/nixos/switch-to-configuration.lock and exits 11, EAGAIN, "Could not acquire lock",
+    for a second one: switch-to-configuration-ng's main.rs), then set the profile and switch,
+    trying again while another switch holds the lock."""
+    activate = quote(previous + "/bin/switch-to-configuration")
+    return (
+        f"i=0; while [ $i -lt {RESTORE_TRIES} ]; do i=$((i+1)); "
+        f"flock -w {SWITCH_WAIT} {SWITCH_LOCK} true 2>/dev/null; "
+        f"nix-env -p {SYSTEM_PROFILE} --set {quote(previous)} && {activate} switch; rc=$?; "
+        '[ "$rc" -eq 11 ] || exit "$rc"; sleep 2; done; exit 11'
+    )
+
+
 def rollback_now_script(run_id: str, previous: str) -> str:
-    """Roll back at once: cancel the timer, pin the profile to `previous`, activate it."""
+    """Roll back at once: cancel the timer, then restore `previous` (as the timer would) in a
+    transient unit, so that it finishes even if the connection drops."""
     unit = timer_unit(run_id)
     return (
         f"systemctl stop {quote(unit + '.timer')} 2>/dev/null; "
-        f"nix-env -p {SYSTEM_PROFILE} --set {quote(previous)} && "
         f"systemd-run --wait --collect --quiet --unit={quote(unit + '-now')} "
-        f'--setenv=PATH="$PATH" -- {quote(previous + "/bin/switch-to-configuration")} switch\n'
+        f'--setenv=PATH="$PATH" -- /bin/sh -c {quote(restore_command(previous))}\n'
     )
 
 

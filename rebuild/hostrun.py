@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rebuild import facts, hostops, nixos, process
 from rebuild.core import Outcome
-from rebuild.errors import BuildFailed, GateRefused
+from rebuild.errors import BuildFailed, ConfigError, GateRefused
 from rebuild.inventory import Loaded, Target
 from rebuild.remote import Endpoint, Remote, RemoteResult
 from rebuild.verify import Report, run_checks
@@ -40,6 +40,9 @@ class HostRun:
     lock_owner: hostops.LockOwner | None = None  # this run's entry in the host's lock
     local_lock: int | None = None  # the flock'd file descriptor
     outcome: Outcome | None = None
+    start_record: str | None = None  # the line the host's own deploy log gets at the start
+    final_record: str | None = None  # ... and at the end
+    warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -82,45 +85,88 @@ def endpoint_for(loaded: Loaded, target: Target, sudo_password: str | None = Non
     )
 
 
-def ssh_settings(loaded: Loaded, target: Target) -> nixos.SshSettings:
-    return nixos.SshSettings(
-        port=target.settings.port,
+_run_dirs: list[Path] = []
+
+
+def run_dir() -> Path:
+    """This run's private folder (mkdtemp: mode 0700, a fresh name, never a folder another user
+    made or could swap): the ssh config nixos-rebuild gets, ssh's control sockets (unix socket
+    paths are short, so it lives in $XDG_RUNTIME_DIR or /tmp), and nixos-rebuild's working
+    folder, so no `result` link lands in the flake's tree. Its path has no whitespace (Nix
+    splits NIX_SSHOPTS on it)."""
+    if not _run_dirs:
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+        if not Path(base).is_dir() or any(ch.isspace() for ch in base):
+            base = "/tmp"
+        _run_dirs.append(Path(tempfile.mkdtemp(prefix="rb-run-", dir=base)))
+    return _run_dirs[0]
+
+
+def remove_run_dir() -> None:
+    """At the end of a run: the config, sockets and links go with their folder."""
+    while _run_dirs:
+        shutil.rmtree(_run_dirs.pop(), ignore_errors=True)
+
+
+def builder_endpoint(loaded: Loaded, target: Target) -> Endpoint | None:
+    """The build host nixos-rebuild copies to and builds on (its key is gated like the
+    target's), or None when the build is local or on the target."""
+    spec = target.settings
+    if spec.build_host in ("", "target"):
+        return None
+    builder = nixos.parse_build_host(spec.build_host)
+    return Endpoint(
+        name=f"{target.name} (build host)",
+        address=builder.host,
+        port=builder.port,
+        user=builder.user,
         known_hosts=loaded.known_hosts,
         identity_file=loaded.identity_file(target),
         connect_timeout=loaded.inventory.connect_timeout,
-        control_dir=control_dir(),
     )
 
 
-_control: list[Path] = []
-
-
-def control_dir() -> Path:
-    """A private folder for ssh's ControlPath sockets, new for this process (mkdtemp: mode
-    0700, a fresh name, never a folder another user made or could swap); unix socket paths are
-    short, so it lives in $XDG_RUNTIME_DIR or /tmp."""
-    if not _control:
-        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-        if not Path(base).is_dir():
-            base = "/tmp"
-        _control.append(Path(tempfile.mkdtemp(prefix="rb-ssh-", dir=base)))
-    return _control[0]
-
-
-def remove_control_dir() -> None:
-    """At the end of a run: the sockets go with their folder (masters exit when idle)."""
-    while _control:
-        shutil.rmtree(_control.pop(), ignore_errors=True)
+def ssh_config_file(loaded: Loaded, target: Target) -> Path:
+    """Write the ssh config nixos-rebuild's ssh reads for this host (and its build host)."""
+    spec = target.settings
+    hosts = [
+        nixos.SshHost(nixos.target_alias(target.name), spec.address, spec.port, spec.user,
+                      loaded.identity_file(target)),
+    ]  # fmt: skip
+    builder = builder_endpoint(loaded, target)
+    if builder is not None:
+        hosts.append(nixos.SshHost(nixos.builder_alias(target.name), builder.address,
+                                   builder.port, builder.user, builder.identity_file))  # fmt: skip
+    folder = run_dir()
+    try:
+        text = nixos.ssh_config_text(
+            hosts,
+            known_hosts=loaded.known_hosts,
+            connect_timeout=loaded.inventory.connect_timeout,
+            control_dir=folder,
+            agent=os.environ.get("SSH_AUTH_SOCK") or None,
+            rollback_timeout=spec.rollback_timeout,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    path = folder / f"ssh_config.{target.name}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
 
 
 def child_env(loaded: Loaded, target: Target) -> dict[str, str]:
+    """nixos-rebuild's environment: NIX_SSHOPTS names rebuild's ssh config only; git never
+    asks for a password."""
     env = dict(os.environ)
-    env["NIX_SSHOPTS"] = nixos.nix_sshopts(ssh_settings(loaded, target))
+    env["NIX_SSHOPTS"] = nixos.nix_sshopts(ssh_config_file(loaded, target))
     return env
 
 
 def expected_system(loaded: Loaded, target: Target, flake: str | None = None) -> str:
-    argv = nixos.nix_eval_argv(loaded.nix_program, flake or loaded.flake, target.attr)
+    extra = nixos.evaluation_args(target.settings.extra_args)
+    argv = nixos.nix_eval_argv(loaded.nix_program, flake or loaded.flake, target.attr, extra)
     done = process.run(argv, timeout=NIX_EVAL_TIMEOUT)
     path = done.stdout.strip()
     if not done.ok or not path.startswith("/"):

@@ -102,13 +102,36 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
+_LOCAL_NAMES = ("localhost", "localhost.localdomain", "127.0.0.1", "::1", "ip6-localhost")
+
+
 def _build_host(value: str) -> str:
+    """`""` (build here), `"target"`, or `user@host`, `user@host:port`, `user@[v6addr]:port`."""
     if value in ("", "target"):
         return value
-    user, _, host = value.rpartition("@")
-    if (user and not _USER_RE.match(user)) or not host:
-        raise ValueError(f"{value!r} is not \"\", \"target\" or user@host")
+    user, _, rest = value.rpartition("@")
+    bad = f"{value!r} is not \"\", \"target\" or user@host[:port]"
+    if not user or not _USER_RE.match(user) or not rest:
+        raise ValueError(bad)
+    port = ""
+    if rest.startswith("["):
+        host, close, port = rest[1:].partition("]")
+        if not close or (port and not port.startswith(":")):
+            raise ValueError(bad)
+        port = port[1:]
+        ipaddress.IPv6Address(host)
+    elif rest.count(":") == 1:
+        host, _, port = rest.partition(":")
+    else:
+        host = rest
+    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(bad)
     _address(host)
+    if host.lower().rstrip(".") in _LOCAL_NAMES or host.startswith("127."):
+        raise ValueError(
+            f"{value!r} names this machine: nixos-rebuild would ssh to it; "
+            'use build_host = "" to build locally'
+        )
     return value
 
 
@@ -213,7 +236,6 @@ class HostSettings(_Strict):
     attr: Attr | None = None
     identity_file: SafePath | None = None
     sudo: StrictBool = False
-    sudo_flag: Literal["--sudo", "--use-remote-sudo"] = "--sudo"
     build_host: Annotated[str, AfterValidator(_build_host)] = ""
     action: Action = "switch"
     tags: tuple[Name, ...] = ()
@@ -244,7 +266,6 @@ class Defaults(_Strict):
     user: User | None = None
     identity_file: SafePath | None = None
     sudo: StrictBool | None = None
-    sudo_flag: Literal["--sudo", "--use-remote-sudo"] | None = None
     build_host: Annotated[str, AfterValidator(_build_host)] | None = None
     action: Action | None = None
     tags: tuple[Name, ...] | None = None
@@ -269,6 +290,7 @@ class Inventory(BaseSettings):
     known_hosts: SafePath = "~/.ssh/known_hosts"
     audit_log: Annotated[str, Field(min_length=1)] = Field(default_factory=_default_audit_log)
     nixos_rebuild: SafePath = "nixos-rebuild"
+    nixos_rebuild_flavour: Literal["ng", "classic"] = "ng"
     nix: SafePath = "nix"
     connect_timeout: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=300)] = 10
     lock_stale_after: Annotated[int, BeforeValidator(_no_bool), Field(ge=60)] = 3600

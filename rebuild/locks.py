@@ -67,7 +67,9 @@ def remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
 
 def _take_remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
                       break_lock: bool, stale_after: float) -> None:  # fmt: skip
-    answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
+    script = hostops.acquire_script(owner, hr.start_record)
+    output = hr.run(script, timeout=30).stdout
+    answer = hostops.parse_acquire(output)
     if not answer.acquired and answer.holder is not None and break_lock:
         holder = answer.holder
         stale = hostops.lock_is_stale(
@@ -84,8 +86,11 @@ def _take_remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identi
             )
         hr.run(hostops.break_script(holder.run_id), timeout=30)
         hr.overrides.append(f"break-lock {holder.run_id}")
-        answer = hostops.parse_acquire(hr.run(hostops.acquire_script(owner), timeout=30).stdout)
+        output = hr.run(script, timeout=30).stdout
+        answer = hostops.parse_acquire(output)
     if answer.acquired:
+        if hostops.record_failed(output):
+            hr.warnings.append(f"could not note the deploy in {hostops.DEPLOY_LOG} on the host")
         hr.remote_locked = True
         hr.lock_owner = owner
         hr.previous = answer.current_system
@@ -105,7 +110,9 @@ def release_remote_lock(hr: HostRun) -> None:
     if not hr.remote_locked:
         return
     try:
-        hr.run(hostops.release_script(hr.run_id), timeout=20)
+        result = hr.run(hostops.release_script(hr.run_id, hr.final_record), timeout=20)
         hr.remote_locked = False
+        if hostops.record_failed(result.stdout):
+            hr.warnings.append(f"could not note the result in {hostops.DEPLOY_LOG} on the host")
     except RebuildError as exc:
         log.warning("could not release the host lock", host=hr.name, error=str(exc))

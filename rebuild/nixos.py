@@ -7,32 +7,128 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from rebuild.inventory import Target
 
 EXPERIMENTAL = ("--extra-experimental-features", "nix-command flakes")
-SERVER_ALIVE_INTERVAL = 5
-SERVER_ALIVE_COUNT_MAX = 3
+# nixos-rebuild's ssh must survive a long activation (a network restart, a slow unit): at least
+# two minutes of silence, and never less than the dead-man timer (ng runs the switch under
+# `systemd-run --pipe`: an ssh that gives up can leave the host half switched, while the timer
+# would have restored it anyway). rebuild's own checks keep their tight bounds.
+SERVER_ALIVE_INTERVAL = 15
+SERVER_ALIVE_MIN_SECONDS = 120
+
+
+def server_alive_count(rollback_timeout: int) -> int:
+    """ServerAliveCountMax so that ssh waits out the dead-man timer (and a margin)."""
+    patience = max(SERVER_ALIVE_MIN_SECONDS, rollback_timeout + 30)
+    return -(-patience // SERVER_ALIVE_INTERVAL)
+
+Flavour = Literal["ng", "classic"]
+# Without these, nixos-rebuild re-executes the nixos-rebuild of the configuration being
+# deployed (ng: switch/boot/test; classic: every action), so a *new* program would judge the
+# flags and build itself first (nixpkgs issue 425637). Both accept --fast; ng 25.11+ warns and
+# maps it to --no-reexec, which ng has from 25.05 on.
+NO_REEXEC: dict[Flavour, str] = {"ng": "--no-reexec", "classic": "--fast"}
+# classic knows only --use-remote-sudo (sudo through `ssh -t`); ng has --sudo (and warns about
+# --use-remote-sudo), and --ask-sudo-password to ask once and feed `sudo --stdin`.
+SUDO_FLAG: dict[Flavour, str] = {"ng": "--sudo", "classic": "--use-remote-sudo"}
 
 
 @dataclass(frozen=True)
-class SshSettings:
-    """How rebuild reaches a host over ssh: strict keys, bounded time, one shared connection."""
+class SshHost:
+    """One host nixos-rebuild's ssh reaches, under an alias rebuild chooses."""
 
+    alias: str  # what nixos-rebuild is given (--target-host user@alias)
+    hostname: str  # the real address (an IPv6 address needs no brackets here)
     port: int
-    known_hosts: Path
+    user: str
     identity_file: Path | None
-    connect_timeout: int
-    control_dir: Path | None
+
+
+def ssh_config_text(
+    hosts: Sequence[SshHost],
+    *,
+    known_hosts: Path,
+    connect_timeout: int,
+    control_dir: Path | None,
+    agent: str | None,
+    rollback_timeout: int = 0,
+) -> str:
+    """The only ssh configuration nixos-rebuild's ssh (and nix's) reads, passed with `-F`:
+    a Host block per host (its own port and key: a target on 2200 and a builder on 22 both
+    work), then strict host keys, bounded time and connection sharing for every host.
+    Paths are quoted, so a folder with spaces works; ssh keeps the first value it reads."""
+    lines = ["# written by rebuild for one run; no other ssh configuration is read"]
+    for host in hosts:
+        lines += [
+            f"Host {host.alias}",
+            f"  HostName {host.hostname}",
+            f"  Port {host.port}",
+            f"  User {host.user}",
+        ]
+        if host.identity_file is not None:
+            lines += [f"  IdentityFile {_quoted(host.identity_file)}", "  IdentitiesOnly yes"]
+    lines += [
+        "Host *",
+        "  StrictHostKeyChecking yes",
+        f"  UserKnownHostsFile {_quoted(known_hosts)}",
+        "  GlobalKnownHostsFile /dev/null",
+        "  UpdateHostKeys no",
+        "  KnownHostsCommand none",
+        "  VerifyHostKeyDNS no",
+        "  CheckHostIP no",
+        "  BatchMode yes",
+        f"  ConnectTimeout {connect_timeout}",
+        f"  ServerAliveInterval {SERVER_ALIVE_INTERVAL}",
+        f"  ServerAliveCountMax {server_alive_count(rollback_timeout)}",
+        f"  IdentityAgent {_quoted(agent) if agent else 'none'}",
+        "  ProxyCommand none",
+        "  ProxyJump none",
+        "  PermitLocalCommand no",
+    ]
+    if control_dir is not None:
+        lines += [
+            "  ControlMaster auto",
+            f"  ControlPath {_quoted(control_dir / '%C')}",
+            "  ControlPersist 60",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _quoted(path: Path | str) -> str:
+    text = str(path)
+    if '"' in text or "\n" in text:
+        raise ValueError(f"{text!r}: a path with a double quote or newline cannot go to ssh")
+    return f'"{text}"'
+
+
+def nix_sshopts(config: Path) -> str:
+    """NIX_SSHOPTS: `-F <rebuild's config>` and nothing else. Nix and classic nixos-rebuild
+    split it on whitespace, so the config's own path must have none (checked by the caller).
+    An inherited NIX_SSHOPTS is dropped: options rebuild does not set could redirect
+    nixos-rebuild's ssh to another machine while the gates checked this one."""
+    return f"-F {config}"
+
+
+def target_alias(name: str) -> str:
+    """The name nixos-rebuild is given for a host (the ssh config maps it to the address)."""
+    return f"rebuild-{name}"
+
+
+def builder_alias(name: str) -> str:
+    return f"rebuild-{name}-builder"
 
 
 def toplevel_attr(flake: str, attr: str) -> str:
     return f"{flake}#nixosConfigurations.{attr}.config.system.build.toplevel.outPath"
 
 
-def nix_eval_argv(nix: str, flake: str, attr: str) -> list[str]:
-    """`nix eval --raw` of the host's system: the store path the deploy must end on."""
-    return [nix, *EXPERIMENTAL, "eval", "--raw", toplevel_attr(flake, attr)]
+def nix_eval_argv(nix: str, flake: str, attr: str, extra: Sequence[str] = ()) -> list[str]:
+    """`nix eval --raw` of the host's system: the store path the deploy must end on, with the
+    evaluation-affecting flags nixos-rebuild gets too (`evaluation_args`)."""
+    return [nix, *EXPERIMENTAL, "eval", "--raw", *extra, toplevel_attr(flake, attr)]
 
 
 def flake_metadata_argv(nix: str, flake: str) -> list[str]:
@@ -68,69 +164,38 @@ def nix_build_argv(nix: str, flake: str, output: str, *, out_link: str | None = 
     return [nix, *EXPERIMENTAL, "build", "--print-out-paths", *link, f"{flake}#{output}"]
 
 
-def ssh_options(ssh: SshSettings) -> list[str]:
-    """ssh options, strict first: ssh keeps the first value of a repeated `-o`. `-F none`: no
-    ssh_config (the operator's or the system's) can redirect or weaken this ssh; the host's
-    address, port, user and key come from the inventory only, as on rebuild's own SSH path."""
-    opts = [
-        "-F", "none",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", f"UserKnownHostsFile={ssh.known_hosts}",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "UpdateHostKeys=no",
-        "-o", "BatchMode=yes",
-        "-o", "KnownHostsCommand=none",
-        "-o", "VerifyHostKeyDNS=no",
-        "-o", f"ConnectTimeout={ssh.connect_timeout}",
-        "-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
-        "-o", f"ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}",
-    ]  # fmt: skip
-    if ssh.control_dir is not None:
-        opts += [
-            "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={ssh.control_dir}/%C",
-            "-o", "ControlPersist=60",
-        ]  # fmt: skip
-    if ssh.identity_file is not None:
-        opts += ["-o", "IdentitiesOnly=yes", "-i", str(ssh.identity_file)]
-    opts += ["-p", str(ssh.port)]
-    return opts
-
-
-def nix_sshopts(ssh: SshSettings) -> str:
-    """NIX_SSHOPTS: rebuild's options only. An inherited NIX_SSHOPTS is dropped: options rebuild
-    does not set itself (HostKeyAlias, ProxyCommand, KnownHostsCommand, ...) could redirect
-    nixos-rebuild's ssh to another machine while the gates checked this one."""
-    return shlex.join(ssh_options(ssh))
-
-
 def nixos_rebuild_argv(
     program: str,
     action: str,
     flake: str,
     target: Target,
     *,
+    flavour: Flavour = "ng",
     rollback: bool = False,
     ask_sudo_password: bool = False,
 ) -> list[str]:
-    """The exact nixos-rebuild command line for a host (an argv list, never a shell string).
+    """The exact nixos-rebuild command line for a host and flavour (an argv list, never a
+    shell string); only flags that flavour accepts.
 
-    `ask_sudo_password`: the host's sudo wants a password (rebuild answers the prompt on a
-    pseudo-terminal); nixos-rebuild-ng then asks once and feeds it to `sudo --stdin`. Older
-    nixos-rebuild (`sudo_flag = "--use-remote-sudo"`) has no such flag: its sudo prompts through
-    `ssh -t` and rebuild answers those prompts.
+    The hosts are named by their ssh aliases (`ssh_config_text` maps them to the address, port
+    and key), so an IPv6 address needs no brackets and each host keeps its own port.
+    `ask_sudo_password`: the host's sudo wants a password; ng then asks once (rebuild answers
+    on a pseudo-terminal) and feeds it to `sudo --stdin`; classic has no such flag: its remote
+    sudo prompts through `ssh -t` and rebuild answers those prompts.
     """
     spec = target.settings
-    argv = [program, action, "--flake", f"{flake}#{target.attr}"]
+    user = spec.user
+    argv = [program, action, "--flake", f"{flake}#{target.attr}", NO_REEXEC[flavour]]
     if action != "build":
-        argv += ["--target-host", target.destination]
+        argv += ["--target-host", f"{user}@{target_alias(target.name)}"]
     if spec.build_host == "target":
-        argv += ["--build-host", target.destination]
+        argv += ["--build-host", f"{user}@{target_alias(target.name)}"]
     elif spec.build_host:
-        argv += ["--build-host", spec.build_host]
+        builder = parse_build_host(spec.build_host)
+        argv += ["--build-host", f"{builder.user or user}@{builder_alias(target.name)}"]
     if spec.sudo and action != "build":
-        argv.append(spec.sudo_flag)
-        if ask_sudo_password and spec.sudo_flag == "--sudo":
+        argv.append(SUDO_FLAG[flavour])
+        if ask_sudo_password and flavour == "ng":
             argv.append("--ask-sudo-password")
     if spec.use_substitutes and action != "build":
         argv.append("--use-substitutes")
@@ -138,6 +203,58 @@ def nixos_rebuild_argv(
         argv.append("--rollback")
     argv += list(spec.extra_args)
     return argv
+
+
+@dataclass(frozen=True)
+class BuildHost:
+    """`build_host = "user@host"` or `"user@host:port"` (`"user@[v6]:port"`)."""
+
+    user: str
+    host: str
+    port: int
+
+
+def parse_build_host(text: str) -> BuildHost:
+    """The parts of a (validated) build_host."""
+    user, _, rest = text.rpartition("@")
+    port = 22
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if tail.startswith(":"):
+            port = int(tail[1:])
+    elif rest.count(":") == 1:
+        host, _, number = rest.partition(":")
+        port = int(number)
+    else:
+        host = rest
+    return BuildHost(user, host, port)
+
+
+# nixos-rebuild flags that change what the configuration evaluates to; `nix eval` of the
+# expected system must get them too, or a correct deploy is judged as drift. (flag, values)
+EVAL_FLAGS = {
+    "--impure": 0, "--override-input": 2, "--option": 2, "-I": 1, "--include": 1,
+    "--no-update-lock-file": 0, "--no-write-lock-file": 0, "--recreate-lock-file": 0,
+    "--update-input": 1, "--no-registries": 0, "--offline": 0, "--refresh": 0,
+    "--arg": 2, "--argstr": 2, "--show-trace": 0,
+}  # fmt: skip
+
+
+def evaluation_args(extra_args: Sequence[str]) -> list[str]:
+    """The part of extra_args that `nix eval` must see to evaluate what nixos-rebuild builds."""
+    out: list[str] = []
+    i = 0
+    while i < len(extra_args):
+        arg = extra_args[i]
+        flag, eq, _ = arg.partition("=")
+        count = EVAL_FLAGS.get(flag)
+        if count is None:
+            i += 1
+            continue
+        taken = 1 if eq else 1 + count
+        out += list(extra_args[i : i + taken])
+        i += taken
+    return out
 
 
 def build_image_argv(program: str, flake: str, target: Target) -> list[str]:

@@ -36,7 +36,9 @@ class TestGoodDeploy:
         [record] = d.records()
         assert record["result"] == "ok" and record["exit_code"] == 0
         assert record["expected_system"] == want
-        assert record["command"][1:5] == ["switch", "--flake", f"{d.flake}#vps", "--target-host"]
+        assert record["command"][1:6] == [
+            "switch", "--flake", f"{d.flake}#vps", "--no-reexec", "--target-host"
+        ]
         assert {c["name"] for c in record["checks"]} >= {"current-system", "system-state"}
         assert all(c["ok"] for c in record["checks"])
 

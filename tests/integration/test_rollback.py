@@ -85,8 +85,10 @@ class TestRollbackTask:
 
 class TestHostLost:
     def test_host_lost_until_its_timer_restores_it(self, testbed: Testbed) -> None:
-        """nixos-rebuild loses the host (ssh gives up before the timer fires): rebuild waits
-        for the deadline, reconnects, finds the previous system and exits 7."""
+        """The new system cuts the host's network mid-switch. nixos-rebuild's ssh outlasts the
+        cut (its ServerAlive patience is at least the dead-man timer, so it never leaves the
+        host half switched); the host's own timer restores the previous system, the
+        connection comes back, and rebuild reports it: exit 7."""
         netns_or_skip()
         d = make_deployment(testbed, netns=True, rollback_timeout=30, settle_timeout=3)
         before = d.host.current_system()
@@ -95,7 +97,6 @@ class TestHostLost:
         done = d.invoke("rebuild", "--host", "vps", "--yes", timeout=300)
         elapsed = time.monotonic() - started
         assert done.returncode == 7, done.stdout + done.stderr
-        assert "returned non-zero exit status 255" in done.stdout  # nixos-rebuild lost the host
         assert 30 <= elapsed < 150, elapsed  # it waited for the host's own timer
         assert d.host.current_system() == before
         record = d.records()[-1]

@@ -5,13 +5,14 @@ codes, the gates and the audit records."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from testbed import Testbed
-from tests.integration.conftest import config, inventory_text
+from tests.integration.conftest import Deployment, config, inventory_text
 from tests.integration.test_fleet import Fleet, make_fleet
 
 NAMES = ["app1", "app2", "db1", "edge1"]
@@ -207,3 +208,45 @@ def test_head_that_does_not_evaluate_is_5(testbed: Testbed, tmp_path: Path) -> N
     assert done.returncode == 5, done.stderr
     assert "missing" in done.stderr
     assert done.stdout.splitlines()[1].split()[:3] == ["solo", "yes", "?"]
+
+
+def test_two_operators_deploy_in_turn_and_status_shows_the_second(
+    deployment: Deployment,
+) -> None:
+    """Two operator identities deploy the same host in turn (each its own inventory, as on two
+    machines): the host's own log has both deploys (started and final lines), `status` shows
+    the second one's operator, commit and result, and drift appears after a new commit."""
+    d = deployment
+    second = d.inventory.with_name("second.toml")
+    second.write_text(d.inventory.read_text().replace('name = "ci"', 'name = "bob"'))
+    assert d.invoke("rebuild", "--host", "vps", "--yes").returncode == 0
+    d.set_config("vps", config("v2", d.web_port))
+    done = subprocess.run(
+        [*d.argv("rebuild", "--host", "vps", "--yes")[:-1], str(second)], env=d.env(),
+        capture_output=True, text=True, timeout=240, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = d.host.root / "var" / "lib" / "rebuild" / "deployments.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["operator"]["name"], x["result"]) for x in lines] == [
+        ("ci", "started"), ("ci", "ok"), ("bob", "started"), ("bob", "ok"),
+    ]  # fmt: skip
+    head = git_head(d.flake)
+    code, data, _ = status_of(d)
+    (row,) = data["hosts"]
+    assert code == 0 and row["drift"] is False
+    assert row["last_deploy"]["operator"]["name"] == "bob"
+    assert (row["last_deploy"]["commit"], row["last_deploy"]["result"]) == (head, "ok")
+    d.set_config("vps", config("v3", d.web_port))
+    code, data, _ = status_of(d)
+    assert code == 6 and data["hosts"][0]["drift"] is True
+
+
+def git_head(repo: Path) -> str:
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+
+
+def status_of(d: Deployment) -> tuple[int, dict[str, Any], str]:
+    done = d.invoke("status", "--json", timeout=120)
+    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]), done.stderr

@@ -26,6 +26,7 @@ from rebuild.hostops import (
     parse_owner,
     refresh_lock_script,
     release_script,
+    restore_command,
     rollback_now_script,
     timer_gone,
     timer_unit,
@@ -67,7 +68,7 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def sh(root: Path, script: str, **env: str) -> str:
+def sh(root: Path, script: str, *, check: bool = True, **env: str) -> str:
     values = {
         "PATH": f"{root / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         "FAKE_LOG": str(root / "calls.log"),
@@ -78,7 +79,7 @@ def sh(root: Path, script: str, **env: str) -> str:
         ["/bin/sh", "-c", script], capture_output=True, text=True, env=values, timeout=30,
         check=False,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0 or not check, done.stderr
     return done.stdout
 
 
@@ -243,10 +244,7 @@ class TestDeadManTimer:
         assert f"--description=rebuild dead-man rollback to {PREVIOUS}" in run
         sep = run.index("--")
         assert run[sep + 1 : sep + 3] == ["/bin/sh", "-c"]
-        assert shlex.split(run[sep + 3]) == [
-            "nix-env", "-p", "/nix/var/nix/profiles/system", "--set", PREVIOUS, "&&",
-            f"{PREVIOUS}/bin/switch-to-configuration", "switch",
-        ]  # fmt: skip
+        assert run[sep + 3] == restore_command(PREVIOUS)
 
     def test_restore_command_really_restores(self, host: Path) -> None:
         """The command the timer runs sets the profile, then activates the previous system."""
@@ -338,15 +336,45 @@ class TestDeadManTimer:
         assert parse_cancel("LoadState=loaded\nActiveState=active\n") == (False, None)
 
     def test_rollback_now(self, host: Path) -> None:
-        """Rolling back at once cancels the timer, pins the profile, activates the old system."""
+        """Rolling back at once cancels the timer, then restores the old system in a transient
+        unit with the same restore the timer runs."""
         sh(host, rollback_now_script(RUN_ID, PREVIOUS))
-        stop, nix_env, run = calls(host)
+        stop, run = calls(host)
         assert stop == ["systemctl", "stop", f"rebuild-rollback-{RUN_ID}.timer"]
-        assert nix_env == ["nix-env", "-p", "/nix/var/nix/profiles/system", "--set", PREVIOUS]
         assert run[0] == "systemd-run"
         assert "--wait" in run
         assert f"--unit=rebuild-rollback-{RUN_ID}-now" in run
-        assert run[-2:] == [f"{PREVIOUS}/bin/switch-to-configuration", "switch"]
+        assert run[-3:] == ["/bin/sh", "-c", restore_command(PREVIOUS)]
+
+    def test_restore_sets_the_profile_then_switches(self, host: Path) -> None:
+        """The restore pins the profile to the previous system and activates it, once when
+        the switch succeeds."""
+        previous = host / "store" / "old"
+        (previous / "bin").mkdir(parents=True)
+        (previous / "bin" / "switch-to-configuration").write_text(RECORDER, encoding="utf-8")
+        (previous / "bin" / "switch-to-configuration").chmod(0o755)
+        sh(host, restore_command(str(previous)) + "\n")
+        assert calls(host) == [
+            ["nix-env", "-p", "/nix/var/nix/profiles/system", "--set", str(previous)],
+            ["switch-to-configuration", "switch"],
+        ]
+
+    def test_restore_retries_while_a_switch_holds_the_lock(self, host: Path) -> None:
+        """switch-to-configuration exits 11 (EAGAIN, "Could not acquire lock") while another
+        switch runs: the restore tries again (bounded), and stops at the first other answer."""
+        previous = host / "store" / "old"
+        (previous / "bin").mkdir(parents=True)
+        stc = previous / "bin" / "switch-to-configuration"
+        count = host / "count"
+        stc.write_text(
+            RECORDER + f'n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}\n'
+            '[ "$n" -lt 3 ] && { echo "Could not acquire lock" >&2; exit 11; }; exit 0\n',
+            encoding="utf-8",
+        )
+        stc.chmod(0o755)
+        script = restore_command(str(previous)).replace("sleep 2", "sleep 0")
+        sh(host, script + "\n")
+        assert [c[0] for c in calls(host)] == ["nix-env", "switch-to-configuration"] * 3
 
     def test_scripts_quote_the_previous_path(self) -> None:
         """A previous path with shell syntax stays one quoted word in every script."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +9,20 @@ import pytest
 
 from rebuild.inventory import HostSettings, Target
 from rebuild.nixos import (
-    SshSettings,
+    BuildHost,
+    Flavour,
+    SshHost,
     build_image_argv,
+    evaluation_args,
     flake_metadata_argv,
     locked_flake_ref,
     nix_build_argv,
     nix_eval_argv,
     nix_sshopts,
     nixos_rebuild_argv,
+    parse_build_host,
     render,
-    ssh_options,
+    ssh_config_text,
 )
 
 FLAKE = "/srv/infra"
@@ -27,23 +30,6 @@ FLAKE = "/srv/infra"
 
 def vps(**settings: Any) -> Target:
     return Target("vps", HostSettings(address="203.0.113.10", **settings))
-
-
-def ssh(**overrides: Any) -> SshSettings:
-    values: dict[str, Any] = {
-        "port": 22,
-        "known_hosts": Path("/home/op/infra/known_hosts"),
-        "identity_file": None,
-        "connect_timeout": 10,
-        "control_dir": None,
-    }
-    values.update(overrides)
-    return SshSettings(**values)
-
-
-def option_values(opts: list[str]) -> list[str]:
-    """The values of every `-o` in order."""
-    return [opts[i + 1] for i, o in enumerate(opts) if o == "-o"]
 
 
 class TestNixEval:
@@ -74,25 +60,42 @@ class TestNixEval:
         ]  # fmt: skip
 
 
+T = "rebuild-vps"  # the ssh alias nixos-rebuild is given for the host
+
+
 class TestNixosRebuildArgv:
     @pytest.mark.parametrize("action", ["switch", "boot", "test", "dry-activate"])
     def test_activation_actions_target_the_host(self, action: str) -> None:
-        """switch/boot/test/dry-activate go to user@address with substitutes by default."""
+        """switch/boot/test/dry-activate go to the host's alias, never re-exec, and use
+        substitutes by default (ng)."""
         assert nixos_rebuild_argv("nixos-rebuild", action, FLAKE, vps()) == [
-            "nixos-rebuild", action, "--flake", "/srv/infra#vps",
-            "--target-host", "root@203.0.113.10", "--use-substitutes",
+            "nixos-rebuild", action, "--flake", "/srv/infra#vps", "--no-reexec",
+            "--target-host", f"root@{T}", "--use-substitutes",
         ]  # fmt: skip
+
+    def test_classic_never_reexecs_either(self) -> None:
+        """Classic nixos-rebuild re-executes too unless --fast (it has no --no-reexec)."""
+        argv = nixos_rebuild_argv("nr", "switch", FLAKE, vps(), flavour="classic")
+        assert "--fast" in argv and "--no-reexec" not in argv
 
     def test_build_stays_local(self) -> None:
         """`build` has no target host, no sudo and no substitutes from the target."""
         assert nixos_rebuild_argv("nixos-rebuild", "build", FLAKE, vps(sudo=True)) == [
-            "nixos-rebuild", "build", "--flake", "/srv/infra#vps",
+            "nixos-rebuild", "build", "--flake", "/srv/infra#vps", "--no-reexec",
         ]  # fmt: skip
 
     def test_user_and_attr(self) -> None:
         """The host's user and attr shape --target-host and the flake attribute."""
         argv = nixos_rebuild_argv("nixos-rebuild", "switch", FLAKE, vps(user="deploy", attr="web"))
-        assert argv[2:6] == ["--flake", "/srv/infra#web", "--target-host", "deploy@203.0.113.10"]
+        assert argv[2:4] == ["--flake", "/srv/infra#web"]
+        assert argv[argv.index("--target-host") + 1] == f"deploy@{T}"
+
+    def test_ipv6_needs_no_brackets(self) -> None:
+        """The alias stands for any address: an IPv6 target is not bracketed in argv (the
+        ssh config's HostName carries it)."""
+        target = Target("vps", HostSettings(address="2001:db8::10"))
+        argv = nixos_rebuild_argv("nr", "switch", FLAKE, target)
+        assert argv[argv.index("--target-host") + 1] == f"root@{T}"
 
     def test_build_host_empty_builds_locally(self) -> None:
         """build_host "" adds no --build-host."""
@@ -102,23 +105,38 @@ class TestNixosRebuildArgv:
         """build_host "target" builds on the target itself."""
         argv = nixos_rebuild_argv("nr", "switch", FLAKE, vps(build_host="target", user="deploy"))
         i = argv.index("--build-host")
-        assert argv[i + 1] == "deploy@203.0.113.10"
+        assert argv[i + 1] == f"deploy@{T}"
         assert argv.index("--target-host") < i
 
     def test_build_host_builder(self) -> None:
-        """build_host user@builder is passed as given."""
-        argv = nixos_rebuild_argv("nr", "boot", FLAKE, vps(build_host="nix@builder.example.org"))
-        assert argv[argv.index("--build-host") + 1] == "nix@builder.example.org"
+        """build_host user@builder[:port] is reached through its own alias (own port)."""
+        argv = nixos_rebuild_argv(
+            "nr", "boot", FLAKE, vps(build_host="nix@builder.example.org:2222")
+        )
+        assert argv[argv.index("--build-host") + 1] == "nix@rebuild-vps-builder"
+        assert parse_build_host("nix@builder.example.org:2222") == BuildHost(
+            "nix", "builder.example.org", 2222
+        )
+        assert parse_build_host("nix@[2001:db8::1]:22") == BuildHost("nix", "2001:db8::1", 22)
+        assert parse_build_host("nix@b") == BuildHost("nix", "b", 22)
 
-    def test_sudo_flag(self) -> None:
-        """sudo = true adds --sudo (or the configured --use-remote-sudo) after the hosts."""
-        assert nixos_rebuild_argv("nr", "switch", FLAKE, vps(sudo=True, user="deploy")) == [
-            "nr", "switch", "--flake", "/srv/infra#vps",
-            "--target-host", "deploy@203.0.113.10", "--sudo", "--use-substitutes",
-        ]  # fmt: skip
-        old = nixos_rebuild_argv("nr", "test", FLAKE, vps(sudo=True, sudo_flag="--use-remote-sudo"))
-        assert "--use-remote-sudo" in old
-        assert "--sudo" not in old
+    @pytest.mark.parametrize(
+        ("flavour", "flag"), [("ng", "--sudo"), ("classic", "--use-remote-sudo")]
+    )
+    def test_sudo_flag_per_flavour(self, flavour: Flavour, flag: str) -> None:
+        """sudo = true: ng gets --sudo, classic --use-remote-sudo (it rejects --sudo)."""
+        argv = nixos_rebuild_argv("nr", "switch", FLAKE, vps(sudo=True, user="deploy"),
+                                  flavour=flavour)  # fmt: skip
+        assert flag in argv
+        assert {"--sudo", "--use-remote-sudo"} - {flag} & set(argv) == set()
+
+    def test_ask_sudo_password_is_ng_only(self) -> None:
+        """A stored password: ng asks once (--ask-sudo-password); classic has no such flag."""
+        target = vps(sudo=True, user="deploy")
+        ng = nixos_rebuild_argv("nr", "switch", FLAKE, target, ask_sudo_password=True)
+        classic = nixos_rebuild_argv("nr", "switch", FLAKE, target, flavour="classic",
+                                     ask_sudo_password=True)  # fmt: skip
+        assert "--ask-sudo-password" in ng and "--ask-sudo-password" not in classic
 
     def test_no_sudo_by_default(self) -> None:
         """Without sudo neither flag appears."""
@@ -146,6 +164,17 @@ class TestNixosRebuildArgv:
         argv = nixos_rebuild_argv("nr", "switch", FLAKE, vps(extra_args=("-v",)), rollback=True)
         assert argv[-2:] == ["--rollback", "-v"]
 
+    def test_evaluation_args(self) -> None:
+        """The flags that change the evaluation reach `nix eval` too; the others do not."""
+        extra = ("--override-input", "nixpkgs", "path:/n", "--impure", "-v", "--option",
+                 "pure-eval", "false", "-I", "foo=/bar", "--max-jobs", "4")  # fmt: skip
+        assert evaluation_args(extra) == [
+            "--override-input", "nixpkgs", "path:/n", "--impure", "--option", "pure-eval",
+            "false", "-I", "foo=/bar",
+        ]  # fmt: skip
+        argv = nix_eval_argv("nix", FLAKE, "vps", evaluation_args(extra))
+        assert argv[5:7] == ["--override-input", "nixpkgs"] and argv[-1].endswith(".outPath")
+
     def test_build_image(self) -> None:
         """build-image uses the host's image variant."""
         assert build_image_argv("nr", FLAKE, vps(image_variant="amazon")) == [
@@ -157,80 +186,92 @@ class TestNixosRebuildArgv:
         assert render(["nr", "switch", "--option", "a b"]) == "nr switch --option 'a b'"
 
 
-class TestSshOptions:
-    def test_strict_host_key_checking_comes_first(self) -> None:
-        """StrictHostKeyChecking=yes is the very first option (ssh keeps the first value)."""
-        assert ssh_options(ssh())[2:4] == ["-o", "StrictHostKeyChecking=yes"]
+KNOWN = Path("/home/op/my infra/known_hosts")
 
-    def test_known_hosts_is_the_inventory_file(self) -> None:
-        """UserKnownHostsFile is the inventory's known_hosts; the global file is not trusted."""
-        values = option_values(ssh_options(ssh()))
-        assert values[1] == "UserKnownHostsFile=/home/op/infra/known_hosts"
-        assert "GlobalKnownHostsFile=/dev/null" in values
-        assert "BatchMode=yes" in values
 
-    def test_bounded_time(self) -> None:
-        """ConnectTimeout and ServerAliveInterval bound how long a vanished host can hang us."""
-        values = option_values(ssh_options(ssh(connect_timeout=7)))
-        assert "ConnectTimeout=7" in values
-        assert "ServerAliveInterval=5" in values
-        assert "ServerAliveCountMax=3" in values
+def config(**overrides: Any) -> str:
+    hosts = overrides.pop("hosts", [SshHost(T, "203.0.113.10", 2200, "root", None)])
+    values: dict[str, Any] = {"known_hosts": KNOWN, "connect_timeout": 10, "control_dir": None,
+                              "agent": None}  # fmt: skip
+    values.update(overrides)
+    return ssh_config_text(hosts, **values)
+
+
+def blocks(text: str) -> dict[str, dict[str, str]]:
+    """Host pattern -> {option: value} (first value wins, as in ssh)."""
+    out: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, _, value = line.strip().partition(" ")
+        if key == "Host":
+            current = out.setdefault(value, {})
+        else:
+            current.setdefault(key, value)
+    return out
+
+
+class TestSshConfig:
+    def test_each_host_its_own_port_and_key(self) -> None:
+        """A target on 2200 and a builder on 22, each with its address, user and key: both
+        work in one run (one NIX_SSHOPTS could not carry two ports)."""
+        text = config(hosts=[
+            SshHost(T, "2001:db8::10", 2200, "deploy", Path("/k/id")),
+            SshHost("rebuild-vps-builder", "builder.example.org", 22, "nix", Path("/k/id")),
+        ])  # fmt: skip
+        b = blocks(text)
+        assert b[T] == {"HostName": "2001:db8::10", "Port": "2200", "User": "deploy",
+                        "IdentityFile": '"/k/id"', "IdentitiesOnly": "yes"}  # fmt: skip
+        assert b["rebuild-vps-builder"]["Port"] == "22"
+
+    def test_strict_for_every_host(self) -> None:
+        """Every host: strict keys from the inventory's known_hosts (quoted: a folder with
+        spaces works), no global file, no key from DNS or a command, no proxy, batch mode."""
+        star = blocks(config())["*"]
+        assert star["StrictHostKeyChecking"] == "yes"
+        assert star["UserKnownHostsFile"] == f'"{KNOWN}"'
+        assert star["GlobalKnownHostsFile"] == "/dev/null"
+        assert (star["KnownHostsCommand"], star["VerifyHostKeyDNS"]) == ("none", "no")
+        assert (star["ProxyCommand"], star["ProxyJump"], star["BatchMode"]) == (
+            "none",
+            "none",
+            "yes",
+        )
+
+    def test_bounded_but_patient(self) -> None:
+        """ConnectTimeout bounds a connection; ServerAlive lets a long activation's network
+        stall pass (2 minutes), the dead-man timer being the safety net."""
+        star = blocks(config(connect_timeout=7))["*"]
+        assert star["ConnectTimeout"] == "7"
+        assert int(star["ServerAliveInterval"]) * int(star["ServerAliveCountMax"]) >= 120
+        long = blocks(config(rollback_timeout=600))["*"]
+        assert int(long["ServerAliveInterval"]) * int(long["ServerAliveCountMax"]) >= 600
+
+    def test_agent_kept(self) -> None:
+        """The operator's agent is named in the config, so a nix-copy-closure that drops
+        SSH_AUTH_SOCK from its environment still finds agent-only keys."""
+        assert blocks(config(agent="/run/user/1000/agent.sock"))["*"]["IdentityAgent"] == (
+            '"/run/user/1000/agent.sock"'
+        )
+        assert blocks(config())["*"]["IdentityAgent"] == "none"
 
     def test_connection_sharing(self, tmp_path: Path) -> None:
-        """With a control folder the ssh connection is shared under it."""
-        values = option_values(ssh_options(ssh(control_dir=tmp_path)))
-        assert "ControlMaster=auto" in values
-        assert f"ControlPath={tmp_path}/%C" in values
-        assert "ControlPersist=60" in values
+        """With a control folder, one connection per host is shared under it."""
+        star = blocks(config(control_dir=tmp_path))["*"]
+        assert star["ControlMaster"] == "auto" and star["ControlPath"] == f'"{tmp_path}/%C"'
+        assert "ControlMaster" not in blocks(config())["*"]
 
-    def test_no_connection_sharing_without_folder(self) -> None:
-        """Without a control folder no Control* option is given."""
-        assert not [v for v in option_values(ssh_options(ssh())) if v.startswith("Control")]
+    def test_a_quote_in_a_path_is_refused(self) -> None:
+        """A path ssh_config cannot quote is an error, not a broken config."""
+        with pytest.raises(ValueError, match="double quote"):
+            config(known_hosts=Path('/x/"y'))
 
-    def test_identity_file(self) -> None:
-        """An identity adds -i and IdentitiesOnly=yes so no agent key is tried instead."""
-        opts = ssh_options(ssh(identity_file=Path("/home/op/.ssh/id_ed25519")))
-        assert "IdentitiesOnly=yes" in option_values(opts)
-        assert opts[opts.index("-i") + 1] == "/home/op/.ssh/id_ed25519"
-
-    def test_no_identity(self) -> None:
-        """Without an identity there is no -i and no IdentitiesOnly."""
-        opts = ssh_options(ssh())
-        assert "-i" not in opts
-        assert "IdentitiesOnly=yes" not in opts
-
-    def test_port(self) -> None:
-        """The host's port is passed with -p."""
-        opts = ssh_options(ssh(port=2200))
-        assert opts[opts.index("-p") + 1] == "2200"
-
-
-class TestNixSshopts:
-    def test_round_trips_to_ssh_options(self, tmp_path: Path) -> None:
-        """shlex.split(NIX_SSHOPTS) is exactly rebuild's ssh options."""
-        settings = ssh(
-            port=2200,
-            known_hosts=Path("/home/op/infra/known_hosts"),
-            identity_file=Path("/home/op/.ssh/id_ed25519"),
-            control_dir=tmp_path,
+    def test_nix_sshopts_is_the_config_alone(self) -> None:
+        """NIX_SSHOPTS is `-F <config>`: no ssh_config of the user or the system is read."""
+        assert nix_sshopts(Path("/run/rb-run-x/ssh_config.vps")) == (
+            "-F /run/rb-run-x/ssh_config.vps"
         )
-        assert shlex.split(nix_sshopts(settings)) == ssh_options(settings)
-
-    def test_only_rebuilds_options(self) -> None:
-        """NIX_SSHOPTS is rebuild's options and nothing else."""
-        assert nix_sshopts(ssh()) == shlex.join(ssh_options(ssh()))
-
-
-class TestSshCannotBeRedirected:
-    def test_no_ssh_config_is_read(self) -> None:
-        """`-F none` comes first: no ~/.ssh/config or /etc/ssh/ssh_config can set a HostName,
-        ProxyCommand or a weaker host-key policy for nixos-rebuild's ssh."""
-        assert ssh_options(ssh())[:2] == ["-F", "none"]
-
-    def test_no_other_key_sources(self) -> None:
-        """No key from DNS or a KnownHostsCommand is trusted."""
-        values = option_values(ssh_options(ssh()))
-        assert "KnownHostsCommand=none" in values and "VerifyHostKeyDNS=no" in values
 
 
 REV = "0123456789abcdef0123456789abcdef01234567"

@@ -76,14 +76,14 @@ class TestControlFolder:
         """Control sockets live in a new 0700 folder (never one someone else made, such as a
         world-writable /tmp/rebuild-ssh-<uid>), removed at the end of the run."""
         monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
-        hostrun.remove_control_dir()
+        hostrun.remove_run_dir()
         squatted = tmp_path / "rebuild-ssh-0"
         squatted.mkdir(mode=0o777)
-        first = hostrun.control_dir()
+        first = hostrun.run_dir()
         assert first.parent == tmp_path and first != squatted
         assert first.stat().st_mode & 0o777 == 0o700
-        assert hostrun.control_dir() == first  # one per run
-        hostrun.remove_control_dir()
+        assert hostrun.run_dir() == first  # one per run
+        hostrun.remove_run_dir()
         assert not first.exists()
-        assert hostrun.control_dir() != first
-        hostrun.remove_control_dir()
+        assert hostrun.run_dir() != first
+        hostrun.remove_run_dir()

@@ -264,9 +264,8 @@ class TestNixosRebuildArgv:
     def test_legacy_flag_has_no_ask_option(self) -> None:
         """Older nixos-rebuild has no --ask-sudo-password: its sudo prompts through ssh -t."""
         argv = nixos_rebuild_argv(
-            "nr", "switch", "/f", vps(sudo=True, sudo_flag="--use-remote-sudo"),
-            ask_sudo_password=True,
-        )  # fmt: skip
+            "nr", "switch", "/f", vps(sudo=True), flavour="classic", ask_sudo_password=True
+        )
         assert "--use-remote-sudo" in argv and "--ask-sudo-password" not in argv
 
     def test_build_has_no_sudo(self) -> None:
@@ -336,9 +335,9 @@ class TestDeployWiring:
     def test_legacy_flag_that_does_not_pass_the_password(self) -> None:
         """--use-remote-sudo with a stored password, and sudo still wanted one: the message
         says to use --sudo (nixos-rebuild-ng), not to store a password."""
-        hr = host_run(vps(sudo=True, sudo_flag="--use-remote-sudo"))
+        hr = host_run(vps(sudo=True))
         responder = process.Responder(PASSWORD, {"[sudo] password for deploy: ": 16})
         complaint = "sudo: a terminal is required to read the password"
         done = process.Completed(("nr",), 1, "", "x")
         message = driver.build_failure(hr, done, responder, complaint)
-        assert 'sudo_flag = "--sudo"' in message and "did not hand over" in message
+        assert 'nixos_rebuild_flavour = "ng"' in message and "did not hand over" in message
