@@ -65,14 +65,27 @@ class ImageArtifact:
 
 
 def parse_done_line(lines: Iterable[str]) -> str | None:
-    """The image path from nixos-rebuild build-image's last "Done. ... found in <path>" line."""
+    """The image path from a "Done. The disk image can be found in <path>" line (both on one
+    line, as when stderr and stdout are merged; classic prints two spaces after "Done.")."""
     found = None
     for line in lines:
-        text = line.strip()
+        text = " ".join(line.split())
         if text.startswith(DONE_PREFIX):
             path = text[len(DONE_PREFIX) :].strip()
             found = path or found
     return found
+
+
+def parse_build_image(stdout: Sequence[str], merged: Sequence[str]) -> str | None:
+    """Where `nixos-rebuild build-image` says the image is. Both flavours print the path alone
+    on stdout and the words before it on stderr (classic: `echo -n "Done.  The disk image can
+    be found in " >&2; echo PATH`, nixos-rebuild.sh; ng: print_result, the prefix on stderr),
+    so the last path on stdout wins; a merged "Done. ... in PATH" line is the fallback."""
+    for line in reversed(stdout):
+        text = line.strip()
+        if text.startswith("/"):
+            return text
+    return parse_done_line(merged)
 
 
 def parse_out_path(lines: Iterable[str]) -> str | None:
@@ -148,11 +161,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def locate(lines: Sequence[str], folder: Path, *, build_image: bool) -> tuple[Path, Path]:
+def locate(lines: Sequence[str], folder: Path, *, build_image: bool,
+           stdout: Sequence[str] = ()) -> tuple[Path, Path]:  # fmt: skip
     """(store path, image file) of a finished build, from its output, else its result link."""
     link = folder / RESULT_LINK
     linked = Path(os.path.realpath(link)) if link.is_symlink() else None
-    printed = parse_done_line(lines) if build_image else parse_out_path(lines)
+    printed = parse_build_image(stdout, lines) if build_image else parse_out_path(lines)
     if printed is not None:
         given = Path(printed) if Path(printed).is_absolute() else folder / printed
         if build_image and given.is_file():
@@ -270,19 +284,21 @@ def run_build(target: Target, command: list[str], folder: Path, record: audit.Re
     console.host_line(target.name, f"building the disk image from commit {short}")
     console.host_line(target.name, f"$ {nixos.render(command)}")
     lines: list[str] = []
+    stdout: list[str] = []
 
     def on_line(line: str) -> None:
         lines.append(line)
         console.host_line(target.name, line)
 
-    done = process.stream(command, cwd=str(folder), on_line=on_line)
+    done = process.stream(command, cwd=str(folder), on_line=on_line, on_stdout=stdout.append)
     if not done.ok:
         last = tail(done.stderr) or "(no output)"
         raise BuildFailed(
             f"{target.name}: the image build failed ({Path(command[0]).name} exited "
             f"{done.returncode}); its last lines:\n{last}"
         )
-    store, image = locate(lines, folder, build_image=target.settings.image_output is None)
+    store, image = locate(lines, folder, build_image=target.settings.image_output is None,
+                          stdout=stdout)  # fmt: skip
     link = folder / RESULT_LINK
     return ImageArtifact(
         host=target.name,

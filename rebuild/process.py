@@ -142,8 +142,11 @@ def stream(
     timeout: float | None = None,
     cancel: threading.Event | None = None,
     responder: Responder | None = None,
+    on_stdout: Callable[[str], None] | None = None,
 ) -> Completed:
-    """Run a long program, handing every whole line of its output to `on_line` as it comes.
+    """Run a long program, handing every whole line of its output to `on_line` as it comes
+    (and, without a pseudo-terminal, each line of its stdout alone to `on_stdout` too: some
+    programs print their result on stdout and the words around it on stderr).
 
     The child runs in its own session, so Ctrl-C reaches rebuild only; rebuild then stops the
     child and, once it is gone, raises KeyboardInterrupt (on the main thread, Ctrl-C is taken
@@ -166,7 +169,7 @@ def stream(
                                stop=stop, responder=responder)  # fmt: skip
         else:
             done = _stream_pipes(argv, env=env, cwd=cwd, on_line=on_line, timeout=timeout,
-                                 stop=stop)  # fmt: skip
+                                 stop=stop, on_stdout=on_stdout)  # fmt: skip
     if interrupted.is_set():
         raise KeyboardInterrupt
     return done
@@ -180,6 +183,7 @@ def _stream_pipes(
     on_line: Callable[[str], None],
     timeout: float | None,
     stop: Callable[[], bool],
+    on_stdout: Callable[[str], None] | None = None,
 ) -> Completed:
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     lock = threading.Lock()
@@ -202,6 +206,8 @@ def _stream_pipes(
             with lock:
                 tail.append(line)
                 on_line(line)
+                if on_stdout is not None and pipe is proc.stdout:
+                    on_stdout(line)
 
     readers = [
         threading.Thread(target=pump, args=(pipe,), daemon=True)

@@ -59,6 +59,36 @@ class TestParseDoneLine:
         assert image.parse_done_line(["error: builder failed", ""]) is None
 
 
+IMG = "/nix/store/0c6kzph7l0dcbyqhn35ndhjyzjv4nl8q-nixos-image-linode-25.05/nixos.img.gz"
+
+
+class TestBuildImageOutputShapes:
+    def test_classic_prefix_on_stderr_path_on_stdout(self) -> None:
+        """Classic nixos-rebuild.sh: `echo -n "Done.  The disk image can be found in " >&2;
+        echo PATH`: read separately, the prefix is a stderr line of its own, the path the last
+        stdout line."""
+        merged = ["building the system configuration...", "Done.  The disk image can be found in ",
+                  IMG]  # fmt: skip
+        assert image.parse_build_image([IMG], merged) == IMG
+
+    def test_ng_prefix_on_stderr_path_on_stdout(self) -> None:
+        """nixos-rebuild-ng: print_result puts "Done. The disk image can be found in" on stderr
+        and the path alone on stdout."""
+        merged = ["Building image...", "Done. The disk image can be found in", IMG]
+        assert image.parse_build_image(["", IMG], merged) == IMG
+
+    def test_one_merged_line_with_two_spaces(self) -> None:
+        """Both on one line (stdout and stderr merged, classic's two spaces): still read."""
+        assert image.parse_build_image([], [f"Done.  The disk image can be found in {IMG}"]) == IMG
+
+    def test_nothing_printed(self) -> None:
+        """No path anywhere: None (the result link is the next fallback)."""
+        assert (
+            image.parse_build_image(["warning: x"], ["Done. The disk image can be found in"])
+            is None
+        )
+
+
 class TestParseOutPath:
     def test_print_out_paths(self) -> None:
         """`nix build --print-out-paths` prints the store path flush left on stdout."""
