@@ -88,10 +88,19 @@ def _append_record(line: str) -> str:
     )
 
 
-def acquire_script(owner: LockOwner, record: str | None = None) -> str:
+def acquire_script(owner: LockOwner, record: str | None = None, *, trust: bool = False) -> str:
     """Take the lock atomically (mkdir), note the deploy in the host's own log, and report the
-    systems, in one round trip."""
+    systems (and, with `trust`, whether the SSH user may copy unsigned paths to the host's
+    Nix), in one round trip."""
     note = f"\n  {_append_record(record)}" if record else ""
+    trusted = (
+        f"echo '{MARK} trust'; u=${{SUDO_USER:-$(id -un 2>/dev/null)}}; echo \"$u\"; "
+        'id -Gn "$u" 2>/dev/null; echo; '  # the SSH user's, also when this runs under sudo
+        "{ nix --extra-experimental-features nix-command config show trusted-users "
+        "|| nix show-config | sed -n 's/^trusted-users = //p'; } 2>/dev/null | tail -n 1\n"
+        if trust
+        else ""
+    )
     return f"""\
 echo '{MARK} lock'
 if err=$(LC_ALL=C mkdir {LOCK_DIR} 2>&1); then
@@ -103,8 +112,39 @@ else
 fi
 echo '{MARK} current'; readlink -f {CURRENT_SYSTEM} 2>/dev/null
 echo '{MARK} profile'; readlink -f {SYSTEM_PROFILE} 2>/dev/null
-echo '{MARK} end'
+{trusted}echo '{MARK} end'
 """
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What the host's Nix says of the SSH user: `trusted-users` (None: Nix did not say)."""
+
+    user: str
+    groups: tuple[str, ...]
+    trusted_users: tuple[str, ...] | None
+
+    @property
+    def trusted(self) -> bool | None:
+        """May the user copy unsigned paths (nix.settings.trusted-users)? None: unknown."""
+        if self.trusted_users is None or not self.user:
+            return None
+        for entry in self.trusted_users:
+            if entry in ("*", self.user) or (entry.startswith("@") and entry[1:] in self.groups):
+                return True
+        return False
+
+
+def parse_trust(output: str) -> Trust | None:
+    """The `trust` section of the acquire script, or None when it was not asked."""
+    section = split_sections(output, MARK).get("trust")
+    if section is None:
+        return None
+    lines = [line.strip() for line in section]
+    user = lines[0] if lines else ""
+    groups = tuple(lines[1].split()) if len(lines) > 1 else ()
+    listed = lines[3] if len(lines) > 3 and lines[3] else None
+    return Trust(user, groups, tuple(listed.split()) if listed is not None else None)
 
 
 def release_script(run_id: str, record: str | None = None) -> str:

@@ -67,7 +67,9 @@ def remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
 
 def _take_remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
                       break_lock: bool, stale_after: float) -> None:  # fmt: skip
-    script = hostops.acquire_script(owner, hr.start_record)
+    spec = hr.target.settings
+    copies = spec.user != "root" and spec.build_host != "target" and hr.action != "build"
+    script = hostops.acquire_script(owner, hr.start_record, trust=copies)
     output = hr.run(script, timeout=30).stdout
     answer = hostops.parse_acquire(output)
     if not answer.acquired and answer.holder is not None and break_lock:
@@ -93,6 +95,15 @@ def _take_remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identi
             hr.warnings.append(f"could not note the deploy in {hostops.DEPLOY_LOG} on the host")
         hr.remote_locked = True
         hr.lock_owner = owner
+        trust = hostops.parse_trust(output)
+        if trust is not None and trust.trusted is False:
+            raise GateRefused(
+                f"{hr.name}: {trust.user} is not a trusted Nix user there (trusted-users = "
+                f"{' '.join(trust.trusted_users or ()) or 'empty'}), so nixos-rebuild could not "
+                f'copy the new system to it; add nix.settings.trusted-users = [ "{trust.user}" '
+                ']; to the host\'s configuration, or build on the host (build_host = "target"), '
+                "or deploy as root"
+            )
         hr.previous = answer.current_system
         return
     if answer.holder is not None:

@@ -121,6 +121,26 @@ class TestNoSudo:
 
 
 class TestPasswordlessSudo:
+    def test_an_untrusted_deploy_user_is_refused_before_any_copy(
+        self, bed: Testbed, accounts: dict[str, testusers.TestUser], keyring_file: Path
+    ) -> None:
+        """The host's Nix does not trust the deploy user (trusted-users = root): copying the new
+        system would fail late, so the lock step refuses at once (exit 3), naming the setting;
+        nixos-rebuild never ran. Trusted, the same deploy goes through."""
+        user = accounts["nopasswd"].name
+        d = as_user(make_deployment(bed), user, sudo=True)
+        nix = d.host.bin_dir / "nix"  # the host's `nix config show trusted-users`
+        nix.write_text("#!/bin/sh\necho root\n")
+        nix.chmod(0o755)
+        env = keyring_env(keyring_file, HEADLESS_BACKEND)
+        done = d.invoke("rebuild", "--host", "vps", "--yes", **env)
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert "not a trusted Nix user" in done.stderr and "trusted-users" in done.stderr
+        assert d.nixos_rebuild_calls() == []
+        nix.write_text(f"#!/bin/sh\necho root {user}\n")
+        done = d.invoke("rebuild", "--host", "vps", "--yes", **env)
+        assert done.returncode == 0, done.stdout + done.stderr
+
     def test_deploys_even_without_a_keyring(
         self, bed: Testbed, accounts: dict[str, testusers.TestUser], keyring_file: Path
     ) -> None:

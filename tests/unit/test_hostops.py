@@ -24,6 +24,7 @@ from rebuild.hostops import (
     parse_generations,
     parse_lock_lost,
     parse_owner,
+    parse_trust,
     refresh_lock_script,
     release_script,
     restore_command,
@@ -430,3 +431,37 @@ class TestGenerations:
     def test_generation_path_script(self) -> None:
         """The path of generation N is read from system-N-link."""
         assert "/nix/var/nix/profiles/system-42-link" in generation_path_script(42)
+
+
+class TestTrustedUser:
+    def test_asked_only_when_wanted(self, host: Path) -> None:
+        """The trust section is in the lock round trip only when the user copies paths."""
+        assert "trust" not in acquire_script(ME)
+        assert parse_trust(sh(host, acquire_script(ME))) is None
+
+    def test_a_real_sh_reads_user_groups_and_the_setting(self, host: Path) -> None:
+        """Under a real sh: the user and groups from `id`, trusted-users from `nix config`."""
+        nix = host / "bin" / "nix"
+        nix.write_text("#!/bin/sh\necho 'root @wheel deploy'\n", encoding="utf-8")
+        nix.chmod(0o755)
+        trust = parse_trust(sh(host, acquire_script(ME, trust=True)))
+        assert trust is not None and trust.trusted_users == ("root", "@wheel", "deploy")
+        assert trust.user and trust.groups
+
+    @pytest.mark.parametrize(
+        ("listed", "user", "groups", "trusted"),
+        [
+            (("root", "deploy"), "deploy", (), True),
+            (("root", "@wheel"), "deploy", ("users", "wheel"), True),
+            (("*",), "deploy", (), True),
+            (("root",), "deploy", ("wheel",), False),
+            ((), "deploy", (), False),
+            (None, "deploy", (), None),
+        ],
+    )
+    def test_trusted(
+        self, listed: tuple[str, ...] | None, user: str, groups: tuple[str, ...],
+        trusted: bool | None,
+    ) -> None:  # fmt: skip
+        """A name, a group it is in (`@wheel`) or `*` trusts; no answer from Nix is unknown."""
+        assert hostops.Trust(user, groups, listed).trusted is trusted
