@@ -9,10 +9,12 @@ way nixos-rebuild-ng does. Messages and exit codes follow the real tools.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
 import re
+import secrets
 import select
 import shlex
 import subprocess
@@ -21,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from testbed.store import (
     DEFAULT_IMAGE_VARIANTS,
@@ -245,13 +247,56 @@ def _image_package(target: Target, path: list[str]) -> Evaluated | None:
     return Evaluated(kind="image", value=None, attr=attr, config=config, variant=variant)
 
 
-def evaluate(target: Target, store: Path) -> Evaluated:
+def _locked_input(ref: str) -> str:
+    """What an --override-input reference locks to: a path (relative to the working folder, as
+    Nix resolves it) must exist; anything else is kept as written."""
+    raw = ref.removeprefix("path:").removeprefix("git+file://")
+    if raw.startswith(("/", ".")):
+        folder = (Path.cwd() / raw).resolve()
+        if not folder.is_dir():
+            raise SimError(f"path '{folder}' does not exist")
+        return f"path:{folder}"
+    return ref
+
+
+def with_overrides(config: dict[str, Any], overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """``--override-input NAME REF``: a host configuration's ``inputs`` (a test bed field) names
+    the flake inputs it is built from, so overriding one changes what it evaluates to (the
+    locked reference joins the configuration, and with it the store path). An override that
+    matches no input only warns, as Nix does."""
+    declared = config.get("inputs") or []
+    applied: dict[str, str] = {}
+    for name, ref in overrides:
+        if name not in declared:
+            _err(f"warning: the flag '--override-input {name} {ref}' does not match any input")
+            continue
+        applied[name] = _locked_input(ref)
+    return {**config, "input_overrides": applied} if applied else config
+
+
+def write_drv(store: Path, drv: str, out: str, attr: str, config: dict[str, Any]) -> None:
+    """Instantiate a derivation in the store, as evaluating ``drvPath`` does: the test bed's
+    derivation is JSON naming its out path (and whether its build fails), what a build host's
+    ``nix build DRV^*`` / ``nix-store -r DRV`` reads (:mod:`testbed.sim.nix_cmd`)."""
+    path = Path(drv)
+    if path.exists():
+        return
+    store.mkdir(parents=True, exist_ok=True)
+    tmp = store / f".tmp-drv-{os.getpid()}-{secrets.token_hex(4)}"
+    data = {"out": out, "attr": attr, "fail": bool(config.get("build_fail"))}
+    tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    tmp.chmod(0o444)
+    tmp.replace(path)
+
+
+def evaluate(target: Target, store: Path, overrides: Sequence[tuple[str, str]] = ()) -> Evaluated:
     path = target.path
     shown = ".".join(path)
     if target.flake.dirty():
         _err(f"warning: Git tree '{target.flake.git_root}' is dirty")
     package = _image_package(target, path)
     if package is not None:
+        package.config = with_overrides(package.config, overrides)
         return package
     if not path or path[0] != "nixosConfigurations":
         raise _missing(target, shown or "default")
@@ -259,9 +304,10 @@ def evaluate(target: Target, store: Path) -> Evaluated:
     if len(path) == 1:
         return Evaluated(kind="attrs", value=attrs)
     attr = path[1]
-    config = target.flake.config(attr)
-    if config is None:
+    found = target.flake.config(attr)
+    if found is None:
         raise _missing(target, shown)
+    config = with_overrides(found, overrides)
     rest = path[2:]
     hostname = str(config.get("hostname") or attr)
     variants = list(config.get("image_variants") or DEFAULT_IMAGE_VARIANTS)
@@ -273,7 +319,13 @@ def evaluate(target: Target, store: Path) -> Evaluated:
         if tail == ["outPath"]:
             return Evaluated(kind="string", value=system_store_path(store, attr, config))
         if tail == ["drvPath"]:
-            return Evaluated(kind="string", value=system_drv_path(store, attr, config))
+            drv = system_drv_path(store, attr, config)
+            write_drv(store, drv, system_store_path(store, attr, config), attr, config)
+            return Evaluated(kind="string", value=drv)
+    elif rest[:4] == [*build, "nixos-rebuild"] and len(rest) == 4:
+        # the configuration's own nixos-rebuild (what re-exec builds): its flavour is the
+        # test bed field `nixos_rebuild_flavour` of the host's configuration (default ng)
+        return Evaluated(kind="package", value=None, attr=attr, config=config)
     elif rest[:4] == [*build, "images"]:
         tail = rest[4:]
         if not tail:
@@ -308,6 +360,8 @@ def _print_value(result: Evaluated, args: NixArgs, store: Path) -> None:
             return
     elif result.kind == "image":
         value = image_store_path(store, result.attr, result.config, result.variant)
+    elif result.kind == "package":
+        value = rebuild_package_path(store, package_flavour(result.config))
     names_only = apply in ("builtins.attrNames", "(builtins.attrNames)", "x: builtins.attrNames x")
     if result.kind == "attrs" and not names_only:
         if "--json" not in args.flags:
@@ -329,6 +383,8 @@ def _print_value(result: Evaluated, args: NixArgs, store: Path) -> None:
 
 def _build_one(result: Evaluated, store: Path, dry_run: bool) -> str:
     """Build a system or image; prints nix-like progress on stderr. Raises on build_fail."""
+    if result.kind == "package":
+        return rebuild_package(store, package_flavour(result.config))
     if result.kind == "system":
         out = system_store_path(store, result.attr, result.config)
         drv = system_drv_path(store, result.attr, result.config)
@@ -429,16 +485,22 @@ def nix_main(argv: Sequence[str], default_store: str) -> int:
             )
             return 1
     try:
+        overrides = [(a, b) for flag, a, b in args.pairs if flag == "--override-input"]
+        if command in ("eval", "build"):
+            note_event(tool="nix", event=command, argv=list(argv))
         if command == "eval":
             if len(args.positional) != 2:
                 raise NixUsage("'nix eval' requires exactly one installable")
-            _print_value(evaluate(_installable(args.positional[1]), store), args, store)
+            result = evaluate(_installable(args.positional[1]), store, overrides)
+            _print_value(result, args, store)
             return 0
         if command == "build":
             if len(args.positional) < 2:
                 raise NixUsage("'nix build' requires at least one installable")
             outs = [
-                _build_one(evaluate(_installable(t), store), store, "--dry-run" in args.flags)
+                _build_one(
+                    evaluate(_installable(t), store, overrides), store, "--dry-run" in args.flags
+                )
                 for t in args.positional[1:]
             ]
             if "--dry-run" in args.flags:
@@ -498,6 +560,11 @@ def _flake_metadata(flake: Flake, as_json: bool) -> int:
 
 
 # =========================================================================== nixos-rebuild
+#
+# Two flavours, each imitating one program: `ng` here (nixos-rebuild-ng, nixpkgs
+# pkgs/by-name/ni/nixos-rebuild-ng/src/nixos_rebuild/: __init__.py, services.py, nix.py,
+# process.py) and `classic` in testbed.rebuild_classic (pkgs/by-name/ni/nixos-rebuild/
+# nixos-rebuild.sh). testbed/README.md lists every behaviour they rely on with its source.
 
 ACTIONS = [
     "switch",
@@ -514,18 +581,294 @@ ACTIONS = [
     "build-vm-with-bootloader",
     "list-generations",
 ]
+FLAVOURS = ("ng", "classic")
+PACKAGE_VERSION = {"ng": "nixos-rebuild-ng-25.11", "classic": "nixos-rebuild-24.11"}
+FLAVOUR_FIELD = "nixos_rebuild_flavour"  # in a host's configuration: its own nixos-rebuild
+REEXEC_ENV = "_NIXOS_REBUILD_REEXEC"
+NIXOS_REBUILD_ATTR = "config.system.build.nixos-rebuild"
+EVENTS_FILE = "standins.jsonl"  # in $RBTB_ROOT: what the stand-ins ran, one JSON line each
+# ng's switch prefix (nix.py SWITCH_TO_CONFIGURATION_CMD_PREFIX: no --wait, --pipe waits)
+NG_SWITCH_PREFIX = [a for a in SWITCH_PREFIX if a != "--wait"]
+
+
+def note_event(**entry: Any) -> None:
+    """Append what a stand-in did to ``$RBTB_ROOT/standins.jsonl`` (tests count evaluations,
+    builds, re-execs and every ssh with its argv); nothing without RBTB_ROOT."""
+    root = os.environ.get("RBTB_ROOT")
+    if not root:
+        return
+    entry.setdefault("pid", os.getpid())
+    with contextlib.suppress(OSError), Path(root, EVENTS_FILE).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+def package_flavour(config: dict[str, Any]) -> str:
+    flavour = str(config.get(FLAVOUR_FIELD) or "ng")
+    if flavour not in FLAVOURS:
+        raise SimError(f"{FLAVOUR_FIELD} must be one of {', '.join(FLAVOURS)}, not {flavour!r}")
+    return flavour
+
+
+def rebuild_package_path(store: Path, flavour: str) -> str:
+    from testbed.store import _hash32
+
+    name = PACKAGE_VERSION[flavour]
+    return f"{store}/{_hash32('nixos-rebuild', name)}-{name}"
+
+
+def rebuild_package(store: Path, flavour: str) -> str:
+    """``config.system.build.nixos-rebuild``: a store path whose ``bin/nixos-rebuild`` is the
+    stand-in of that flavour (what a re-exec runs)."""
+    from testbed.store import _install, script_header
+
+    out = Path(rebuild_package_path(store, flavour))
+
+    def fill(tmp: Path) -> None:
+        (tmp / "bin").mkdir()
+        script = tmp / "bin" / "nixos-rebuild"
+        script.write_text(
+            script_header(sys.executable)
+            + "from testbed.standins import nixos_rebuild_main\n"
+            + f"sys.exit(nixos_rebuild_main(sys.argv[1:], default_store={str(store)!r}, "
+            + f"flavour={flavour!r}, program=__file__))\n",
+            encoding="utf-8",
+        )
+        script.chmod(0o755)
+
+    _install(store, out, fill)
+    return str(out)
+
+
+class CommandFailed(Exception):
+    """A command of the run exited non-zero (subprocess.CalledProcessError as ng reports it)."""
+
+    def __init__(self, returncode: int, argv: Sequence[str]) -> None:
+        super().__init__(returncode, list(argv))
+        self.returncode = returncode
+        self.argv = list(argv)
+
+    def __str__(self) -> str:
+        shown = shlex.join(str(a) for a in self.argv)
+        return str(subprocess.CalledProcessError(self.returncode, shown))
+
+
+class RebuildFailed(Exception):
+    """Ends nixos-rebuild with exit 1 after printing ``message`` (ng: ``sys.exit(str(ex))``)."""
+
+
+def split_sshopts(text: str, how: str) -> list[str]:
+    """NIX_SSHOPTS as each reader splits it: ``shell`` (nixos-rebuild-ng's shlex.split, Nix
+    2.26+'s shellSplitString, nix PR 12020) or ``words`` (bash's unquoted ``$SSHOPTS`` in
+    classic nixos-rebuild, Nix before 2.26: whitespace only, quotes kept)."""
+    return shlex.split(text) if how == "shell" else text.split()
+
+
+def run_ssh(
+    argv: list[str],
+    *,
+    input_text: str | None = None,
+    capture: bool = False,
+    inherit_stdin: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run one real ssh (noted in the events log with its whole argv)."""
+    note_event(event="ssh", argv=argv)
+    try:
+        return subprocess.run(
+            argv,
+            input=input_text,
+            stdout=subprocess.PIPE if capture else None,
+            stdin=None if input_text is not None or inherit_stdin else subprocess.DEVNULL,
+            text=True,
+            timeout=REMOTE_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RebuildFailed(f"Command '{argv}' timed out after {REMOTE_TIMEOUT} seconds") from exc
+
+
+def ssh_store(host: str, opts: list[str], paths: Sequence[str], *, write: bool) -> None:
+    """Nix's legacy ssh store (``nix-copy-closure``, ``nix copy ssh://``; nix
+    src/libstore/legacy-ssh-store.cc, ssh.cc): ``ssh HOST -x $NIX_SSHOPTS -- nix-store --serve
+    [--write]``; here the test bed's line protocol of the host's nix-store shim."""
+    argv = ["ssh", host, "-x", *opts, "--", "nix-store", "--serve", *(["--write"] if write else [])]
+    for path in paths:
+        _err(f"copying path '{path}' {'to' if write else 'from'} 'ssh://{host}'...")
+    result = run_ssh(argv, input_text="".join(p + "\n" for p in paths), capture=True)
+    if result.returncode == 255:
+        raise SimError(
+            f"cannot open connection to remote store 'ssh://{host}': "
+            f"error: failed to start SSH connection to '{host}'"
+        )
+    missing = [p for p in paths if f"valid {p}" not in result.stdout.splitlines()]
+    if result.returncode != 0 or missing:
+        raise SimError(f"path '{(missing or list(paths))[0]}' is not valid on 'ssh://{host}'")
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A remote shell word passed unquoted."""
+
+    text: str
+
+
+SSH_CONTROL: dict[str, Path] = {}  # the run's folder for ssh control sockets (ng: tmpdir.py)
+
+
+def control_dir() -> Path:
+    """nixos-rebuild-ng's temporary folder (tmpdir.py, ``nixos-rebuild.`` prefix), removed with
+    its ssh masters at exit (process.py ``cleanup_ssh``: ``ssh -o ControlPath=... -O exit``)."""
+    if "dir" not in SSH_CONTROL:
+        import atexit
+        import tempfile
+
+        SSH_CONTROL["dir"] = Path(tempfile.mkdtemp(prefix="nixos-rebuild."))
+        atexit.register(cleanup_control)
+    return SSH_CONTROL["dir"]
+
+
+def cleanup_control() -> None:
+    folder = SSH_CONTROL.pop("dir", None)
+    if folder is None:
+        return
+    for socket_path in folder.glob("ssh-*"):
+        subprocess.run(
+            ["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "dummyhost"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def ssh_default_opts() -> list[str]:
+    """process.py SSH_DEFAULT_OPTS."""
+    path = control_dir() / "ssh-%n"
+    return ["-o", "ControlMaster=auto", "-o", f"ControlPath={path}", "-o", "ControlPersist=60"]
+
+
+class Remote:
+    """A host nixos-rebuild-ng reaches (process.py ``Remote`` and ``run_wrapper``)."""
+
+    def __init__(self, host: str, verbose: bool, sudo_password: str | None = None) -> None:
+        self.host = host
+        self.opts = split_sshopts(os.environ.get("NIX_SSHOPTS", ""), "shell")
+        self.verbose = verbose
+        self.sudo_password = sudo_password  # --ask-sudo-password: fed to `sudo --stdin`
+
+    @classmethod
+    def from_arg(cls, host: str | None, ask_sudo_password: bool | None, verbose: bool,
+                 validate_opts: bool = True) -> Remote | None:  # fmt: skip
+        if not host:
+            return None
+        remote = cls(host, verbose)
+        if validate_opts:
+            for o in remote.opts:
+                if o in ("-t", "-tt", "RequestTTY=yes", "RequestTTY=force"):
+                    _err(
+                        f"detected option '{o}' in NIX_SSHOPTS. SSH's TTY may cause issues, it "
+                        "is recommended to remove this option"
+                    )
+        if ask_sudo_password:
+            try:
+                remote.sudo_password = getpass.getpass(f"[sudo] password for {host}: ")
+            except EOFError:
+                raise RebuildFailed("") from None
+        return remote
+
+    def argv(
+        self, args: Sequence[str | Raw], sudo: bool, extra_env: dict[str, str] | None = None
+    ) -> list[str]:
+        cmd: list[str | Raw] = list(args)
+        if extra_env:
+            cmd = ["env", *(f"{k}={v}" for k, v in extra_env.items()), *cmd]
+        if sudo:
+            cmd = ["sudo", *(["--prompt=", "--stdin"] if self.sudo_password else []), *cmd]
+        words = [a.text if isinstance(a, Raw) else shlex.quote(a) for a in cmd]
+        return ["ssh", *self.opts, *ssh_default_opts(), self.host, "--", *words]
+
+    def run(
+        self,
+        args: Sequence[str | Raw],
+        *,
+        sudo: bool = False,
+        extra_env: dict[str, str] | None = None,
+        capture: bool = False,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        argv = self.argv(args, sudo, extra_env)
+        stdin_text = self.sudo_password + "\n" if sudo and self.sudo_password else None
+        if self.verbose:
+            shown = [a.text if isinstance(a, Raw) else a for a in args]
+            _err(f"calling run with args={shown!r}, remote={self.host!r}, sudo={sudo}")
+        result = run_ssh(argv, input_text=stdin_text, capture=capture)
+        if check and result.returncode != 0:
+            if sudo and self.sudo_password is None:
+                _err(
+                    "while running command with remote sudo, did you forget to use "
+                    "--ask-sudo-password?"
+                )
+            raise CommandFailed(result.returncode, argv)
+        return result
+
+    def copy_closure(self, path: str) -> None:
+        """``nix-copy-closure --to HOST PATH``: NIX_SSHOPTS is SSH_DEFAULT_OPTS and the caller's
+        (nix.py ``copy_closure``), split by Nix 2.28 like a shell."""
+        try:
+            ssh_store(self.host, [*ssh_default_opts(), *self.opts], [path], write=True)
+        except SimError as exc:
+            _err(f"error: {exc}")
+            raise RebuildFailed(
+                str(CommandFailed(1, ["nix-copy-closure", "--to", self.host, path]))
+            ) from None
+
+
+def _flake_arg(value: str | bool | None, target: Remote | None) -> tuple[str, str] | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        raise RebuildFailed("--flake without a value (/etc/nixos) is not simulated by the test bed")
+    ref, sep, attr = str(value).partition("#")
+    if not sep or not attr:
+        if target is not None:
+            attr = target.run(["uname", "-n"], capture=True).stdout.strip()
+        else:
+            attr = os.uname().nodename
+    return ref or ".", attr
+
+
+def flake_installable(ref: str, attr: str, *rest: str) -> str:
+    """models.py Flake.to_attr: ``REF#nixosConfigurations."ATTR".REST``."""
+    return ".".join([f'{ref}#nixosConfigurations."{attr}"', *rest])
+
+
+def nixos_rebuild_main(
+    argv: Sequence[str], default_store: str, flavour: str = "ng", program: str | None = None
+) -> int:
+    """``nixos-rebuild`` stand-in of a flavour, ``ng`` or ``classic``."""
+    store = _store_dir(default_store)
+    program = program or sys.argv[0]
+    note_event(event="start", tool="nixos-rebuild", flavour=flavour, program=program,
+               argv=list(argv), reexec=bool(os.environ.get(REEXEC_ENV)))  # fmt: skip
+    if flavour == "classic":
+        from testbed.rebuild_classic import classic_main
+
+        return classic_main(list(argv), store, program)
+    return ng_main(list(argv), store, program)
 
 
 def rebuild_parser() -> argparse.ArgumentParser:
-    """The argument parser of nixos-rebuild-ng (same flags, same errors: exit 2)."""
+    """The argument parser of nixos-rebuild-ng (__init__.py get_parser: same flags, same
+    errors, exit 2)."""
     p = argparse.ArgumentParser(
         prog="nixos-rebuild",
         add_help=False,
         allow_abbrev=False,
         description="Reconfigure a NixOS machine",
     )
-    p.add_argument("--verbose", "-v", action="count", default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--verbose", "-v", action="count", default=0, dest="v")
+    p.add_argument("--quiet", action="count", default=0)
     p.add_argument("--max-jobs", "-j")
     p.add_argument("--cores")
     p.add_argument("--log-format")
@@ -548,7 +891,7 @@ def rebuild_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-write-lock-file", action="store_true")
     p.add_argument("--no-registries", action="store_true")
     p.add_argument("--commit-lock-file", action="store_true")
-    p.add_argument("--update-input")
+    p.add_argument("--update-input", action="append")
     p.add_argument("--override-input", nargs=2, action="append")
     p.add_argument("--no-build-output", "-Q", action="store_true")
     p.add_argument(
@@ -582,130 +925,10 @@ def rebuild_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass(frozen=True)
-class Raw:
-    """A remote shell word passed unquoted (like nixos-rebuild-ng's _RawShellArg)."""
-
-    text: str
-
-
-class RebuildFailed(Exception):
-    """Ends nixos-rebuild with exit 1 after printing ``message``."""
-
-
-class Remote:
-    """Runs commands on a target host the way nixos-rebuild-ng's run_wrapper does."""
-
-    def __init__(self, host: str, verbose: bool, sudo_password: str | None = None) -> None:
-        self.host = host
-        self.opts = shlex.split(os.environ.get("NIX_SSHOPTS", ""))
-        self.verbose = verbose
-        self.sudo_password = sudo_password  # --ask-sudo-password: fed to `sudo --stdin`
-
-    def argv(
-        self, args: Sequence[str | Raw], sudo: bool, extra_env: dict[str, str] | None = None
-    ) -> list[str]:
-        cmd: list[str | Raw] = ["env", "-i", Raw("PATH=${PATH-}")]
-        cmd += [f"{k}={v}" for k, v in (extra_env or {}).items()]
-        cmd += list(args)
-        if sudo:
-            sudo_opts = shlex.split(os.environ.get("NIX_SUDOOPTS", ""))
-            if self.sudo_password:
-                cmd = ["sudo", "--prompt=", "--stdin", *sudo_opts, *cmd]
-            else:
-                cmd = ["sudo", *sudo_opts, *cmd]
-        words = [a.text if isinstance(a, Raw) else shlex.quote(a) for a in cmd]
-        return ["ssh", *self.opts, self.host, "--", *words]
-
-    def run(
-        self,
-        args: Sequence[str | Raw],
-        *,
-        sudo: bool = False,
-        extra_env: dict[str, str] | None = None,
-        capture: bool = False,
-        stdin_text: str | None = None,
-        check: bool = True,
-    ) -> subprocess.CompletedProcess[str]:
-        argv = self.argv(args, sudo, extra_env)
-        if sudo and self.sudo_password:
-            stdin_text = self.sudo_password + "\n"  # never in an argv or the environment
-        if self.verbose:
-            shown = [a.text if isinstance(a, Raw) else a for a in args]
-            _err(f"calling run with args={shown!r}, remote={self.host!r}, sudo={sudo}")
-        try:
-            result = subprocess.run(
-                argv,
-                input=stdin_text,
-                stdout=subprocess.PIPE if capture else None,
-                stdin=None if stdin_text is not None else subprocess.DEVNULL,
-                text=True,
-                timeout=REMOTE_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise RebuildFailed(
-                f"Command '{argv}' timed out after {REMOTE_TIMEOUT} seconds"
-            ) from exc
-        if check and result.returncode != 0:
-            raise RebuildFailed(str(subprocess.CalledProcessError(result.returncode, argv)))
-        return result
-
-    def copy_closure(self, path: str) -> None:
-        """nix-copy-closure --to HOST PATH (ssh ... nix-store --serve --write)."""
-        _err("copying 1 paths...")
-        _err(f"copying path '{path}' to 'ssh://{self.host}'...")
-        argv = ["ssh", *self.opts, "-x", "-a", self.host, "nix-store", "--serve", "--write"]
-        if self.verbose:
-            _err(f"calling run with args={['nix-copy-closure', '--to', self.host, path]!r}")
-        try:
-            result = subprocess.run(
-                argv,
-                input=path + "\n",
-                capture_output=True,
-                text=True,
-                timeout=REMOTE_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise RebuildFailed(f"Command '{argv}' timed out") from exc
-        if result.stderr:
-            sys.stderr.write(result.stderr)
-        if result.returncode == 255:
-            _err(
-                f"error: cannot open connection to remote store 'ssh://{self.host}': "
-                f"error: failed to start SSH connection to '{self.host}'"
-            )
-        elif result.returncode != 0 or f"valid {path}" not in result.stdout.splitlines():
-            _err(f"error: copying path '{path}' to 'ssh://{self.host}' failed")
-        else:
-            return
-        raise RebuildFailed(
-            str(subprocess.CalledProcessError(1, ["nix-copy-closure", "--to", self.host, path]))
-        )
-
-
-def _parse_flake_arg(value: str | bool | None, target: Remote | None) -> tuple[str, str] | None:
-    if value is None or value is False:
-        return None
-    if value is True:
-        raise RebuildFailed(
-            "error: --flake without a value (/etc/nixos) is not simulated by the test bed"
-        )
-    ref, sep, attr = str(value).partition("#")
-    if not sep or not attr:
-        if target is not None:
-            out = target.run(["hostname"], capture=True)
-            attr = out.stdout.strip()
-        else:
-            attr = os.uname().nodename
-    return ref or ".", attr
-
-
-def nixos_rebuild_main(argv: Sequence[str], default_store: str) -> int:
-    """``nixos-rebuild`` stand-in (see the module docstring)."""
+def ng_main(argv: list[str], store: Path, program: str) -> int:
+    """nixos-rebuild-ng: __init__.py ``parse_args``/``execute``/``main``."""
     parser = rebuild_parser()
-    args = parser.parse_args(list(argv))
+    args = parser.parse_args(argv)
     if args.help or args.action is None:
         parser.print_help()
         return 0
@@ -717,159 +940,270 @@ def nixos_rebuild_main(argv: Sequence[str], default_store: str) -> int:
         args.action = "dry-build"
     if args.ask_sudo_password:
         args.sudo = True
+    if args.install_grub:
+        warn("--install-grub is deprecated, use --install-bootloader instead")
+        args.install_bootloader = True
     if args.use_remote_sudo:
-        warn("--use-remote-sudo deprecated, use --sudo instead")
+        warn("--use-remote-sudo is deprecated, use --sudo instead")
         args.sudo = True
+    if args.fast:
+        warn("--fast is deprecated, use --no-reexec instead")
+        args.no_reexec = True
     if args.no_ssh_tty:
-        warn("--no-ssh-tty deprecated, SSH's TTY is never used anymore")
+        warn("--no-ssh-tty is deprecated, SSH's TTY is never used anymore")
+    if args.no_build_nix:
+        warn("--no-build-nix is deprecated, we do not build nix anymore")
+    if args.action == "edit" and (args.file or args.attr):
+        parser.error("--file and --attr are not supported with 'edit'")
     if (args.target_host or args.build_host) and args.action not in (
-        "switch",
-        "boot",
-        "test",
-        "build",
-        "dry-build",
-        "dry-activate",
-    ):
+        "switch", "boot", "test", "build", "dry-build", "dry-activate", "build-vm",
+        "build-vm-with-bootloader",
+    ):  # fmt: skip
         parser.error(f"--target-host/--build-host is not supported with '{args.action}'")
     if args.flake and (args.file or args.attr):
         parser.error("--flake cannot be used with --file or --attr")
-    if args.action == "build-image" and not args.image_variant:
-        parser.error("--image-variant is required with 'build-image'")
     try:
-        return _execute(args, _store_dir(default_store))
-    except RebuildFailed as exc:
+        return _ng_execute(args, argv, store, program)
+    except CommandFailed as exc:  # main(): _handle_called_process_error
         _err(str(exc))
+        return exc.returncode
+    except RebuildFailed as exc:  # main(): sys.exit(str(ex))
+        if str(exc):
+            _err(str(exc))
         return 1
     except SimError as exc:
         _err(f"error: {exc}")
         return 1
 
 
-def _fail_nix(exc: SimError, cmd: list[str]) -> NoReturn:
-    _err(f"error: {exc}")
-    raise RebuildFailed(str(subprocess.CalledProcessError(1, cmd)))
+def _overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [(a, b) for a, b in (args.override_input or [])]
 
 
-def _execute(args: argparse.Namespace, store: Path) -> int:
+def nix_build_flags(args: argparse.Namespace) -> list[str]:
+    """The flake build flags nixos-rebuild-ng hands to nix (utils.py dict_to_flags)."""
+    out: list[str] = []
+    for name, value in (("--override-input", args.override_input), ("--option", args.option)):
+        for a, b in value or []:
+            out += [name, a, b]
+    for flag in ("impure", "offline", "refresh", "show_trace", "no_update_lock_file",
+                 "no_write_lock_file", "recreate_lock_file", "keep_going"):  # fmt: skip
+        if getattr(args, flag):
+            out.append("--" + flag.replace("_", "-"))
+    return out
+
+
+def _ng_build(installable: str, store: Path, overrides: Sequence[tuple[str, str]],
+              flags: list[str], *, no_link: bool, dry_run: bool) -> str:  # fmt: skip
+    """nix.py build_flake: ``nix build --print-out-paths INSTALLABLE [flags]`` (here)."""
+    cmd = ["nix", *FLAKE_FLAGS, "build", "--print-out-paths", installable, *flags]
+    cmd += ["--no-link"] if no_link else []
+    cmd += ["--dry-run"] if dry_run else []
+    note_event(event="nix", argv=cmd)
+    try:
+        out = _build_one(evaluate(_installable(installable), store, overrides), store, dry_run)
+    except SimError as exc:
+        _err(f"error: {exc}")
+        raise CommandFailed(1, cmd) from None
+    if not no_link and not dry_run:
+        _link_result(out, "result")
+    return out
+
+
+def _reexec(argv: list[str], args: argparse.Namespace, store: Path, program: str) -> None:
+    """services.py ``reexec``: build the *target configuration's* nixos-rebuild and exec it
+    with the same arguments (and _NIXOS_REBUILD_REEXEC=1), unless it is this very program."""
+    flake = _flake_arg(args.flake, Remote.from_arg(args.target_host, None, bool(args.v)))
+    if flake is None:
+        raise RebuildFailed("the rebuild test bed only simulates flake builds; pass --flake")
+    installable = flake_installable(*flake, NIXOS_REBUILD_ATTR)
+    drv = _ng_build(installable, store, _overrides(args), nix_build_flags(args),
+                    no_link=True, dry_run=False)  # fmt: skip
+    new = f"{drv}/bin/nixos-rebuild"
+    if Path(new) == Path(program):
+        return
+    cleanup_control()
+    note_event(event="reexec", into=new)
+    env = {**os.environ, REEXEC_ENV: "1"}
+    try:
+        os.execve(new, [new, *argv], env)  # noqa: S606 (the re-exec is what is imitated)
+    except OSError:
+        _err("could not re-exec in a newer version of nixos-rebuild, using current version")
+        os.execve(program, [program, *argv], env)  # noqa: S606
+
+
+def _ng_execute(args: argparse.Namespace, argv: list[str], store: Path, program: str) -> int:
     action: str = args.action
-    verbose = bool(args.verbose)
+    verbose = bool(args.v)
     if action in ("edit", "repl", "build-vm", "build-vm-with-bootloader", "list-generations"):
-        raise RebuildFailed(
-            f"error: nixos-rebuild {action} is not simulated by the rebuild test bed"
-        )
-    password = None
-    if args.ask_sudo_password and args.target_host:
-        # like nixos-rebuild-ng: asked once, on the terminal (getpass uses /dev/tty)
-        try:
-            password = getpass.getpass(f"[sudo] password for {args.target_host}: ")
-        except EOFError:
-            raise RebuildFailed("") from None
-    target = Remote(args.target_host, verbose, password) if args.target_host else None
-    build_host = Remote(args.build_host, verbose) if args.build_host else None
+        raise RebuildFailed(f"nixos-rebuild {action} is not simulated by the rebuild test bed")
+    can_run = action in ("switch", "boot", "test")
+    if can_run and not args.no_reexec and not os.environ.get(REEXEC_ENV):
+        _reexec(argv, args, store, program)
+    target = Remote.from_arg(args.target_host, args.ask_sudo_password, verbose)
+    build_host = Remote.from_arg(args.build_host, False, verbose, validate_opts=False)
     if action in ("switch", "boot", "test", "dry-activate") and target is None:
-        raise RebuildFailed(
-            "error: the rebuild test bed cannot activate the local machine; use --target-host"
-        )
+        raise RebuildFailed("the rebuild test bed cannot activate the local machine; use "
+                            "--target-host")  # fmt: skip
     profile = (
         PROFILE
         if args.profile_name == "system"
-        else (f"/nix/var/nix/profiles/system-profiles/{args.profile_name}")
+        else f"/nix/var/nix/profiles/system-profiles/{args.profile_name}"
     )
-    if args.rollback:
-        if action not in ("switch", "boot", "test", "build"):
-            raise RebuildFailed(f"--rollback is incompatible with '{action}'")
-        if target is None:
-            raise RebuildFailed("error: the rebuild test bed only rolls back a --target-host")
-        _err("building the system configuration...")
-        if action in ("switch", "boot"):
-            target.run(["nix-env", "--rollback", "-p", profile], sudo=args.sudo)
-            path = profile
-        else:
-            listing = target.run(
-                ["nix-env", "-p", profile, "--list-generations"], sudo=args.sudo, capture=True
-            ).stdout
-            previous = None
-            for line in listing.splitlines():
-                parts = line.split()
-                if parts and "(current)" not in parts:
-                    previous = parts[0]
-            if previous is None:
-                raise RebuildFailed("could not find previous generation")
-            path = f"{profile}-{previous}-link"
-        if action in ("switch", "boot", "test"):
-            _switch(target, path, action, args)
-        return 0
-
-    flake = _parse_flake_arg(args.flake, target)
-    if flake is None:
-        raise RebuildFailed(
-            "error: the rebuild test bed only simulates flake builds; pass --flake REF#ATTR"
-        )
-    ref, attr = flake
-    if action == "build-image":
-        return _build_image(ref, attr, args.image_variant, store)
+    flake = _flake_arg(args.flake, target)
+    if flake is None and not args.rollback:
+        raise RebuildFailed("the rebuild test bed only simulates flake builds; pass --flake")
     _err("building the system configuration...")
-    installable = f'{ref}#nixosConfigurations."{attr}".config.system.build.toplevel'
-    nix_cmd = ["nix", *FLAKE_FLAGS, "build", "--print-out-paths", installable]
-    try:
-        result = evaluate(_installable(installable), store)
-        out = _build_one(result, store, dry_run=action == "dry-build")
-    except SimError as exc:
-        _fail_nix(exc, nix_cmd)
-    if action == "dry-build":
-        return 0
-    if action not in ("switch", "boot"):
-        _link_result(out, "result")
-    if build_host is not None and build_host.host not in ("localhost", "127.0.0.1"):
-        build_host.copy_closure(out)
+    if args.rollback:
+        path = _ng_rollback(action, target, profile, args.sudo)
+    else:
+        if flake is None:
+            raise RebuildFailed("the rebuild test bed only simulates flake builds")
+        attr_path = "config.system.build.toplevel"
+        if action == "build-image":
+            attr_path = _ng_image_attr(flake, args.image_variant, store)
+        path = _ng_build_system(flake, attr_path, action, args, store, target, build_host)
+    _ng_activate(path, action, args, target, profile, flake, store)
+    return 0
+
+
+def _ng_image_attr(flake: tuple[str, str], variant: str | None, store: Path) -> str:
+    variants = evaluate(_installable(flake_installable(*flake, "config.system.build.images")),
+                        store).value  # fmt: skip
+    if variant not in variants:
+        raise RebuildFailed(
+            "please specify one of the following supported image variants via "
+            "--image-variant:\n" + "\n".join(f"- {v}" for v in variants)
+        )
+    return f"config.system.build.images.{variant}"
+
+
+def _ng_rollback(action: str, target: Remote | None, profile: str, sudo: bool) -> str:
+    """services.py _rollback_system / nix.py rollback, rollback_temporary_profile."""
     if target is None:
-        return 0
-    target.copy_closure(out)
+        raise RebuildFailed("the rebuild test bed only rolls back a --target-host")
     if action in ("switch", "boot"):
-        check = target.run(["test", "-f", f"{out}/nixos-version"], check=False)
+        target.run(["nix-env", "--rollback", "-p", profile], sudo=sudo)
+        return profile
+    if action in ("test", "build"):
+        listing = target.run(["nix-env", "-p", profile, "--list-generations"], sudo=sudo,
+                             capture=True).stdout  # fmt: skip
+        previous = None
+        for line in listing.splitlines():
+            parts = line.split()
+            if parts and "(current)" not in parts:
+                previous = parts[0]
+        if previous is None:
+            raise RebuildFailed("could not find previous generation")
+        return f"{profile}-{previous}-link"
+    raise RebuildFailed(f"--rollback is incompatible with '{action}'")
+
+
+def _ng_build_system(flake: tuple[str, str], attr_path: str, action: str,
+                     args: argparse.Namespace, store: Path, target: Remote | None,
+                     build_host: Remote | None) -> str:  # fmt: skip
+    """services.py _build_system (newer ng: no result link for switch, boot, test and
+    dry-activate; 25.05 linked test and dry-activate too)."""
+    dry_run = action == "dry-build"
+    no_link = action in ("switch", "boot", "test", "dry-activate")
+    installable = flake_installable(*flake, attr_path)
+    overrides = _overrides(args)
+    flags = nix_build_flags(args)
+    if build_host is None:
+        path = _ng_build(installable, store, overrides, flags, no_link=no_link, dry_run=dry_run)
+    else:
+        path = _ng_build_remote(installable, store, overrides, flags, build_host,
+                                no_link=no_link, dry_run=dry_run)  # fmt: skip
+    if not dry_run:
+        _ng_copy_closure(path, target, build_host)
+    return path
+
+
+def _ng_build_remote(installable: str, store: Path, overrides: Sequence[tuple[str, str]],
+                     flags: list[str], build_host: Remote, *, no_link: bool,
+                     dry_run: bool) -> str:  # fmt: skip
+    """nix.py build_remote_flake: evaluate the drvPath here, copy the derivation to the build
+    host, ``nix build DRV^* --print-out-paths`` there over ssh."""
+    cmd = ["nix", *FLAKE_FLAGS, "eval", "--raw", f"{installable}.drvPath", *flags]
+    note_event(event="nix", argv=cmd)
+    try:
+        result = evaluate(_installable(installable), store, overrides)
+        drv = evaluate(_installable(f"{installable}.drvPath"), store, overrides).value
+        if not result.config.get("build_fail"):
+            # one shared store: what the build host "builds" is made here (see README)
+            _build_one(result, store, dry_run=False)
+    except SimError as exc:
+        _err(f"error: {exc}")
+        raise CommandFailed(1, cmd) from None
+    build_host.copy_closure(drv)
+    remote = ["nix", *FLAKE_FLAGS, "build", f"{drv}^*", "--print-out-paths", *flags]
+    remote += ["--no-link"] if no_link else []
+    remote += ["--dry-run"] if dry_run else []
+    done = build_host.run(remote, capture=True)
+    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+
+def _ng_copy_closure(path: str, to_host: Remote | None, from_host: Remote | None) -> None:
+    """nix.py copy_closure: ``nix-copy-closure --to|--from HOST`` for one remote, ``nix copy
+    --from ssh://BUILD --to ssh://TARGET`` (run here) for two, both with NIX_SSHOPTS =
+    SSH_DEFAULT_OPTS + the caller's."""
+    if to_host is None and from_host is None:
+        return
+    opts = [*ssh_default_opts(), *split_sshopts(os.environ.get("NIX_SSHOPTS", ""), "shell")]
+    if to_host is not None and from_host is not None:
+        cmd = ["nix", *FLAKE_FLAGS, "copy", "--from", f"ssh://{from_host.host}", "--to",
+               f"ssh://{to_host.host}", path]  # fmt: skip
+        note_event(event="nix", argv=cmd)
+        try:
+            ssh_store(from_host.host, opts, [path], write=False)
+            ssh_store(to_host.host, opts, [path], write=True)
+        except SimError as exc:
+            _err(f"error: {exc}")
+            raise CommandFailed(1, cmd) from None
+        return
+    host = to_host if to_host is not None else from_host
+    if host is None:
+        return
+    cmd = ["nix-copy-closure", "--to" if to_host else "--from", host.host, path]
+    note_event(event="nix", argv=cmd)
+    try:
+        ssh_store(host.host, opts, [path], write=to_host is not None)
+    except SimError as exc:
+        _err(f"error: {exc}")
+        raise CommandFailed(1, cmd) from None
+
+
+def _print_result(message: str, result: str) -> None:
+    """services.py print_result: the words on stderr, the result alone on stdout."""
+    print(message, end=" ", file=sys.stderr, flush=True)
+    print(result, flush=True)
+
+
+def _ng_activate(path: str, action: str, args: argparse.Namespace, target: Remote | None,
+                 profile: str, flake: tuple[str, str] | None, store: Path) -> None:  # fmt: skip
+    """services.py _activate_system; nix.py set_profile and switch_to_configuration."""
+    if target is None and action in ("switch", "boot", "test", "dry-activate"):
+        raise RebuildFailed("the rebuild test bed cannot activate the local machine")
+    if action in ("switch", "boot") and not args.rollback and target is not None:
+        check = target.run(["test", "-f", f"{path}/nixos-version"], check=False)
         if check.returncode != 0:
             raise RebuildFailed(
                 "your NixOS configuration path seems to be missing essential files.\n"
-                f"This is the evaluated NixOS configuration path: {out}."
+                "To avoid corrupting your current NixOS installation, the activation will "
+                f"abort.\n\nThis is the evaluated NixOS configuration path: {path}."
             )
-        target.run(["nix-env", "-p", profile, "--set", out], sudo=args.sudo)
-    if action in ("switch", "boot", "test", "dry-activate"):
-        _switch(target, out, action, args)
-    return 0
-
-
-def _switch(target: Remote, path: str, action: str, args: argparse.Namespace) -> None:
-    result = target.run(
-        [*SWITCH_PREFIX, f"{path}/bin/switch-to-configuration", action],
-        sudo=args.sudo,
-        extra_env={"NIXOS_INSTALL_BOOTLOADER": "1" if args.install_bootloader else "0"},
-        check=False,
-    )
-    if result.returncode == 4:
-        raise RebuildFailed("warning: error(s) occurred while switching to the new configuration")
-    if result.returncode != 0:
-        argv = target.argv(
-            [*SWITCH_PREFIX, f"{path}/bin/switch-to-configuration", action],
-            args.sudo,
-            {"NIXOS_INSTALL_BOOTLOADER": "1" if args.install_bootloader else "0"},
+        target.run(["nix-env", "-p", profile, "--set", path], sudo=args.sudo)
+    if action in ("switch", "boot", "test", "dry-activate") and target is not None:
+        target.run(
+            [*NG_SWITCH_PREFIX, f"{path}/bin/switch-to-configuration", action],
+            sudo=args.sudo,
+            extra_env={"NIXOS_INSTALL_BOOTLOADER": "1" if args.install_bootloader else "0"},
         )
-        raise RebuildFailed(str(subprocess.CalledProcessError(result.returncode, argv)))
-
-
-def _build_image(ref: str, attr: str, variant: str, store: Path) -> int:
-    images = f'{ref}#nixosConfigurations."{attr}".config.system.build.images'
-    try:
-        variants = evaluate(_installable(images), store).value
-        if variant not in variants:
-            raise RebuildFailed(
-                f"error: Image variant '{variant}' is not one of the available image variants: "
-                + ", ".join(variants)
-            )
-        _err(f"Building image variant '{variant}'...")
-        result = evaluate(_installable(f"{images}.{variant}"), store)
-        out = _build_one(result, store, dry_run=False)
-    except SimError as exc:
-        _fail_nix(exc, ["nix", *FLAKE_FLAGS, "build", "--print-out-paths", f"{images}.{variant}"])
-    _link_result(out, "result")
-    print(f"Done. The disk image can be found in {out}/{image_file_name(variant)}")
-    return 0
+        _print_result("Done. The new configuration is", path)
+    elif action == "build":
+        _print_result("Done. The new configuration is", path)
+    elif action == "build-image" and flake is not None:
+        name = evaluate(_installable(flake_installable(
+            *flake, f"config.system.build.images.{args.image_variant}.passthru.filePath")),
+            store).value  # fmt: skip
+        _print_result("Done. The disk image can be found in", f"{path}/{name}")

@@ -587,13 +587,30 @@ class Testbed:
                 + f"from testbed.standins import {func}\n"
                 + f"sys.exit({func}(sys.argv[1:], default_store={store!r}))\n",
             )
+        # the classic (bash) nixos-rebuild stand-in beside ng's (testbed.rebuild_classic)
+        (self.bin_dir / "classic").mkdir()
+        _write_script(
+            self.nixos_rebuild("classic"),
+            header
+            + "from testbed.standins import nixos_rebuild_main\n"
+            + f"sys.exit(nixos_rebuild_main(sys.argv[1:], default_store={store!r}, "
+            + "flavour='classic', program=__file__))\n",
+        )
 
     # ------------------------------------------------------------------ public API
 
-    def env(self) -> dict[str, str]:
-        """Variables the tool needs to use the stand-ins (merge into os.environ)."""
+    def nixos_rebuild(self, flavour: str = "ng") -> Path:
+        """The nixos-rebuild stand-in of a flavour: ``ng`` (nixos-rebuild-ng) or ``classic``
+        (the bash nixos-rebuild of NixOS 24.11 and older)."""
+        if flavour not in ("ng", "classic"):
+            raise TestbedError(f"unknown nixos-rebuild flavour {flavour!r} (ng or classic)")
+        return self.bin_dir / ("classic/nixos-rebuild" if flavour == "classic" else "nixos-rebuild")
+
+    def env(self, flavour: str = "ng") -> dict[str, str]:
+        """Variables the tool needs to use the stand-ins (merge into os.environ), with the
+        nixos-rebuild of that flavour."""
         return {
-            "REBUILD_NIXOS_REBUILD": str(self.bin_dir / "nixos-rebuild"),
+            "REBUILD_NIXOS_REBUILD": str(self.nixos_rebuild(flavour)),
             "REBUILD_NIX": str(self.bin_dir / "nix"),
             "NIX_STORE_DIR": str(self.store_dir),
             "RBTB_ROOT": str(self.root),

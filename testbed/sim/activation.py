@@ -10,11 +10,25 @@ exit code 4 after a ``systemctl status``-like report. ``boot`` only updates the 
 ``dry-activate`` prints the units it would stop and start and changes nothing. The messages are
 the real tool's. A configuration with ``cut_network`` takes the host's link down after
 activating (a host that cut itself off), in a network namespace only.
+
+Every action first takes switch-to-configuration-ng's lock (``do_system_switch`` in
+``pkgs/by-name/sw/switch-to-configuration-ng/src/src/main.rs``): ``/run/nixos`` is created
+(mode 0755), ``/run/nixos/switch-to-configuration.lock`` opened for appending (created) and
+locked with a non-blocking exclusive ``flock``, held until the program ends; when another switch
+holds it the program prints ``Could not acquire lock`` on stderr and exits with errno
+(``die()``: EAGAIN, 11). Here the path is the host's (``$SIM_ROOT/run/nixos/...``), the same
+file the host's ``flock`` shim maps ``/run/nixos/...`` to. Two test bed knobs of the
+configuration, not of NixOS: ``activation_seconds`` makes the program work that long under the
+lock before it switches (a slow boot-loader install or unit start), printing a line every second
+(a long but chatty activation); every run is noted in ``$SIM_ROOT/sim/log/activations.jsonl``
+(system, action, start, end, exit code), so tests can tell the order of two switches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -35,6 +49,10 @@ from testbed.sim.units import (
     units_of,
 )
 from testbed.store import SimError, load_system
+
+LOCK_NAME = "switch-to-configuration.lock"  # in the host's /run/nixos
+EAGAIN = 11  # switch-to-configuration's exit code when another switch holds the lock
+JOURNAL = "activations.jsonl"  # in the host's sim/log
 
 
 def _ip_link(host: Host, up: bool) -> None:
@@ -150,7 +168,66 @@ def stc_main(script: str, argv: Sequence[str]) -> int:
         print(usage, file=sys.stderr)
         return 1
     try:
-        return activate(Host.load(), store_path, argv[0])
+        host = Host.load()
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    started = time.time()
+    code = 1
+    try:
+        lock = _switch_lock(host)
+        if lock is None:
+            print("Could not acquire lock", file=sys.stderr)
+            code = EAGAIN
+            return code
+        try:
+            _, config = load_system(store_path)
+            _slow_step(float(str(config.get("activation_seconds") or 0)))
+            code = activate(host, store_path, argv[0])
+        finally:
+            os.close(lock)
+        return code
+    except SimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _journal(host, store_path, argv[0], started, code)
+
+
+def _switch_lock(host: Host) -> int | None:
+    """The host's switch lock, taken (a descriptor to close), or None when another holds it."""
+    folder = host.root / "run" / "nixos"
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        folder.chmod(0o755)
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        print("Could not open lock", file=sys.stderr)
+        raise SimError(f"{folder / LOCK_NAME}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _slow_step(seconds: float) -> None:
+    """`activation_seconds`: work that long under the lock, saying so every second."""
+    seconds = min(seconds, 600.0)
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        print(f"activation_seconds: {left:.0f} s of simulated work left...", file=sys.stderr,
+              flush=True)  # fmt: skip
+        time.sleep(min(1.0, left))
+
+
+def _journal(host: Host, store_path: str, action: str, started: float, code: int) -> None:
+    entry = {"system": store_path, "action": action, "pid": os.getpid(), "start": started,
+             "end": time.time(), "code": code}  # fmt: skip
+    with contextlib.suppress(OSError):
+        log = host.root / "sim" / "log"
+        log.mkdir(parents=True, exist_ok=True)
+        with (log / JOURNAL).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")

@@ -63,6 +63,10 @@ def main(name: str, argv: Sequence[str]) -> int:
             return nix_store(argv)
         if name == "rbtb-sim":
             return internal(argv)
+        if name in ("nix", "nix-copy-closure"):
+            from testbed.sim import nix_cmd
+
+            return nix_cmd.nix(argv) if name == "nix" else nix_cmd.nix_copy_closure(argv)
         from testbed.sim import shims
 
         if name in shims.PATH_SHIMS:
@@ -93,7 +97,10 @@ SHIM_NAMES = (
     "tee",
     "ls",
     "tail",
+    "flock",
     "sudo",
     "hostname",
     "rbtb-sim",
+    "nix",
+    "nix-copy-closure",
 )

@@ -2,9 +2,11 @@
 
 Imitates Nix's nix-store (the Nix manual's ``nix-store --realise``, ``--query``,
 ``--check-validity``, ``--verify-path``): a path is valid when it exists in the test bed's
-shared store. ``--serve`` is not Nix's worker protocol but the test bed's own stand-in for it,
-which the operator-side ``nix``/``nixos-rebuild`` stand-ins speak when they copy a closure: one
-store path per line in, ``valid PATH``/``invalid PATH`` per line out.
+shared store; ``--realise`` of a derivation the test bed wrote prints its out path
+(:func:`testbed.sim.nix_cmd.realise`). ``--serve`` is not Nix's worker protocol but the test
+bed's own stand-in for it, which the operator-side ``nix``/``nixos-rebuild`` stand-ins speak
+when they copy a closure: one store path per line in, ``valid PATH``/``invalid PATH`` per line
+out.
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ def nix_store(argv: Sequence[str]) -> int:
             code = code or (0 if ok else 1)
             print(f"{'valid' if ok else 'invalid'} {path}", flush=True)
         return code
+    if {"--realise", "-r"} & set(flags) and any(p.endswith(".drv") for p in paths):
+        # classic nixos-rebuild builds on a --build-host with `nix-store -r DRV` over ssh
+        # (nixos-rebuild.sh, nixFlakeBuild): a derivation realises to its out path
+        from testbed.sim.nix_cmd import realise
+
+        try:
+            outs = [realise(p) if p.endswith(".drv") else p for p in paths]
+        except SimError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for out in outs:
+            print(out)
+        return 0
     for path in paths:
         if not valid(path):
             print(f"error: path '{path}' is not valid", file=sys.stderr)

@@ -1,6 +1,7 @@
 """``sudo``, ``hostname`` and the path-mapping ``readlink``/``mkdir``/``rm``/``rmdir``/``cat``/...
 
-The path shims (``readlink``, ``mkdir``, ``rm``, ``rmdir``, ``cat``, ``tee``, ``ls``, ``tail``) run
+The path shims (``readlink``, ``mkdir``, ``rm``, ``rmdir``, ``cat``, ``tee``, ``ls``, ``tail``,
+``flock``) run
 the real coreutils from ``/usr/bin``/``/bin`` with ``/run``, ``/nix/var`` and ``/var/lib``
 arguments rewritten into
 ``SIM_ROOT`` (:func:`testbed.sim.host.map_arg`) and host paths shown back in their output, so
@@ -38,6 +39,9 @@ PATH_SHIMS = {
     "tee": "tee",
     "ls": "ls",
     "tail": "tail",
+    # the dead-man restore waits on switch-to-configuration's lock with flock(1)
+    # (rebuild.hostops.restore_command): the host's /run/nixos lock, never this machine's
+    "flock": "flock",
 }
 
 

@@ -25,16 +25,21 @@ def rebuild(
     sshopts: str | None = None,
     extra: tuple[str, ...] = (),
     timeout: float = 60,
+    flavour: str = "ng",
+    reexec: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the nixos-rebuild stand-in against a host, as the tool does."""
+    """Run the nixos-rebuild stand-in of a flavour against a host; like rebuild, without the
+    re-exec into the configuration's own nixos-rebuild unless `reexec`."""
+    if not reexec:
+        extra = ("--no-reexec" if flavour == "ng" else "--fast", *extra)
     env = {
         **os.environ,
-        **tb.env(),
+        **tb.env(flavour),
         "NIX_SSHOPTS": sshopts if sshopts is not None else host.nix_sshopts(),
     }
     return subprocess.run(
         [
-            tb.env()["REBUILD_NIXOS_REBUILD"],
+            str(tb.nixos_rebuild(flavour)),
             action,
             "--flake",
             f"{flake}#{attr}",

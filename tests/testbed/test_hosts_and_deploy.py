@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from testbed import Testbed
 
 from .conftest import V1, curl, free_port, rebuild, ssh, web_config
@@ -187,13 +189,26 @@ def test_switch_activates_units_and_serves_http(testbed: Testbed, tmp_path: Path
     assert curl(f"http://{host.address}:{api}/")[0] == "000"
 
 
-def test_failed_unit_gives_warning_exit_1_and_degraded(testbed: Testbed, tmp_path: Path) -> None:
+@pytest.mark.parametrize("flavour", ["ng", "classic"])
+def test_failed_unit_fails_the_switch_and_degrades(
+    testbed: Testbed, tmp_path: Path, flavour: str
+) -> None:
+    """switch-to-configuration exits 4: ng exits with it (CalledProcessError), classic warns and
+    exits 1; the host runs the new system, degraded."""
     host = testbed.add_host("vps")
     config = {"units": {"sshd.service": {}, "broken.service": {"fail": True}}, "label": "bad"}
     flake = testbed.make_flake(tmp_path / "flake", {"vps": config})
-    result = rebuild(testbed, host, flake, "vps")
-    assert result.returncode == 1
-    assert "warning: error(s) occurred while switching to the new configuration" in result.stderr
+    result = rebuild(testbed, host, flake, "vps", flavour=flavour)
+    if flavour == "ng":
+        assert result.returncode == 4, result.stderr
+        assert "bin/switch-to-configuration switch' returned non-zero exit status 4." in (
+            result.stderr
+        )
+    else:
+        assert result.returncode == 1, result.stderr
+        assert "warning: error(s) occurred while switching to the new configuration" in (
+            result.stderr
+        )
     assert host.current_system() == testbed.store_path("vps", config)
     state = ssh(host, "systemctl is-system-running")
     assert (state.returncode, state.stdout) == (1, "degraded\n")

@@ -47,8 +47,9 @@ def test_build_and_build_image_make_result_links(testbed: Testbed, tmp_path: Pat
         cwd=flake, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert image.returncode == 0, image.stderr
-    assert image.stdout.startswith("Done. The disk image can be found in ")
-    img = Path(image.stdout.strip().rsplit(" ", 1)[1])
+    # ng's print_result: the words on stderr, the path alone on stdout
+    assert image.stderr.endswith("Done. The disk image can be found in ")
+    img = Path(image.stdout.strip())
     assert img.is_file() and img.name.endswith(".img")
     assert (flake / "result").resolve() == img.parent
     nix = subprocess.run(
