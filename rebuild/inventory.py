@@ -527,9 +527,31 @@ def parse(path: Path, text: str) -> Inventory:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     try:
-        return Inventory(**data)
+        inventory = Inventory(**data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from None
+    problems = [f"{path}: {problem}" for problem in flavour_problems(inventory)]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return inventory
+
+
+def flavour_problems(inventory: Inventory) -> list[str]:
+    """Settings the inventory's nixos-rebuild flavour cannot carry out safely, as "key path:
+    why" lines. Classic nixos-rebuild copies a build host's result to a different target by
+    running `nix-copy-closure --to TARGET` on the build host (nixos-rebuild.sh, copyToTarget),
+    with that host's own ssh: rebuild's ssh config (the target's alias, port, key and pinned
+    host key) never applies there, so the copy fails, or trusts a key rebuild never checked."""
+    if inventory.nixos_rebuild_flavour != "classic":
+        return []
+    return [
+        f'hosts.{name}.build_host: {spec.build_host!r} needs nixos_rebuild_flavour = "ng": '
+        "classic nixos-rebuild copies the system from the build host to the target with the "
+        "build host's own ssh, which reads none of rebuild's host-key settings; use "
+        'build_host = "" (build here) or "target", or nixos-rebuild-ng'
+        for name, spec in inventory.hosts.items()
+        if spec.build_host not in ("", "target")
+    ]
 
 
 def check_environment(environ: Mapping[str, str]) -> None:

@@ -122,6 +122,16 @@ BAD_INVENTORIES = [
     ("build-host-shell", HOST + 'build_host = "root@b;reboot"\n', "hosts.vps.build_host"),
     ("host-name-shell", '[hosts."vps;reboot"]\naddress = "203.0.113.10"\n', "hosts.vps;reboot"),
     ("flavour", 'nixos_rebuild_flavour = "nixos"\n' + HOST, "nixos_rebuild_flavour"),
+    (
+        "classic-with-a-build-host",
+        'nixos_rebuild_flavour = "classic"\n' + HOST + 'build_host = "nix@203.0.113.20:2222"\n',
+        "hosts.vps.build_host: 'nix@203.0.113.20:2222' needs nixos_rebuild_flavour = \"ng\"",
+    ),
+    (
+        "classic-with-a-default-build-host",
+        'nixos_rebuild_flavour = "classic"\n[defaults]\nbuild_host = "nix@b"\n' + HOST,
+        "hosts.vps.build_host: 'nix@b' needs",
+    ),
     ("extra-arg-newline", HOST + 'extra_args = ["--option\\nx"]\n', "hosts.vps.extra_args[0]"),
     ("known-hosts-space", 'known_hosts = "~/my hosts"\n' + HOST, "known_hosts"),
     ("flake-shell", 'flake = "./x;reboot"\n' + HOST, "flake"),
@@ -429,3 +439,18 @@ class TestRepositoryInventory:
         assert vps.address == "203.0.113.10"
         assert vps.attr == "vps"
         assert vps.settings.rollback_timeout > vps.settings.verify.settle_timeout
+
+
+class TestFlavourAndBuildHost:
+    @pytest.mark.parametrize(
+        ("flavour", "build_host"),
+        [("classic", ""), ("classic", "target"), ("ng", "nix@203.0.113.20:2222")],
+    )
+    def test_what_each_flavour_can_build_on(
+        self, tmp_path: Path, flavour: str, build_host: str
+    ) -> None:
+        """Classic builds here or on the target; only ng builds on a separate build host (its
+        `nix copy --from ssh://BUILD --to ssh://TARGET` runs here, through rebuild's ssh)."""
+        text = f'nixos_rebuild_flavour = "{flavour}"\n' + HOST + f'build_host = "{build_host}"\n'
+        loaded = load_text(tmp_path, text)
+        assert loaded.target("vps").settings.build_host == build_host
