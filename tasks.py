@@ -112,6 +112,9 @@ def _guard(json_mode: bool, body: Callable[[], int]) -> None:
         "max_fail": "stop after a batch that brings the failures past K (default 0)",
         "jobs": "hosts deployed in parallel within a batch (default 8)",
         "break_lock": "break a stale host lock (recorded in the audit)",
+        "no_preview": "do not build ahead and show what will change (one nixos-rebuild call)",
+        "reboot": "after a verified activation, reboot when the new system needs it (kernel, "
+                  "initrd, modules; with --action boot always), wait for it, verify again",
         "inventory": INVENTORY_HELP,
     },
 )
@@ -132,9 +135,12 @@ def rebuild(
     max_fail: int = 0,
     jobs: int = 8,
     break_lock: bool = False,
+    no_preview: bool = False,
+    reboot: bool = False,
     inventory: str | None = None,
 ) -> None:
-    """Deploy hosts: gates, plan, confirmation, nixos-rebuild, verification, rollback, audit.
+    """Deploy hosts: gates, build, preview, plan, confirmation, nixos-rebuild, verification,
+    rollback, audit.
 
     Example: invoke rebuild --host vps
     """
@@ -143,7 +149,8 @@ def rebuild(
     opts = deploy.Options(
         action=action, yes=yes, dry_run=dry_run, allow_dirty=allow_dirty, verify=not no_verify,
         rollback=not no_rollback, json=json, batch=batch or None, canary=canary,
-        max_fail=max_fail, jobs=jobs, break_lock=break_lock, every=all,
+        max_fail=max_fail, jobs=jobs, break_lock=break_lock, every=all, preview=not no_preview,
+        reboot=reboot,
     )  # fmt: skip
     _guard(json, lambda: cli.rebuild(inventory, host, tag, opts))
 

@@ -69,6 +69,8 @@ class Record:
     rollback_checks: list[dict[str, object]] = field(default_factory=list)
     duration_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    changes: dict[str, object] | None = None  # the preview (see rebuild.preview.Changes)
+    tools: dict[str, dict[str, str]] = field(default_factory=dict)  # path and version
     extra: dict[str, object] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:

@@ -39,6 +39,8 @@ class Setup:
     verify: bool = True  # not --no-verify
     rollback: bool = True  # not --no-rollback
     lost_grace: float = 50.0  # seconds past the timer's deadline before a lost host is given up
+    reboot: bool = False  # --reboot: after a verified activation, reboot when needed
+    reboot_timeout: int = 300  # how long a host may take to come back from its reboot
 
     @property
     def timer(self) -> bool:
@@ -126,6 +128,21 @@ class Returned:
 
 
 @dataclass(frozen=True)
+class RebootNeeded:
+    """Whether the running system's kernel, initrd or modules differ from the booted one's."""
+
+    needed: bool
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rebooted:
+    """The host came back from its reboot (a new boot id) and booted `booted`."""
+
+    booted: str | None
+
+
+@dataclass(frozen=True)
 class Unreachable:
     """The host did not answer the last step (or the step failed on it)."""
 
@@ -141,6 +158,7 @@ class Interrupt:
 Observation = (
     TimerArmed | TimerFired | TimerPending | LockLost | RebuildExited | SystemIs
     | TimerCancelled | Verified | RolledBackTo | Returned | Unreachable | Interrupt
+    | RebootNeeded | Rebooted
 )  # fmt: skip
 
 
@@ -199,9 +217,19 @@ class WaitForReturn:
     give_up: float
 
 
+@dataclass(frozen=True)
+class CheckReboot:
+    """Compare the booted and running systems' boot links: RebootNeeded."""
+
+
+@dataclass(frozen=True)
+class Reboot:
+    """Reboot the host and wait (bounded) until it answers with a new boot id: Rebooted."""
+
+
 Action = (
     ArmTimer | RunNixosRebuild | CheckTimer | ReadSystem | CancelTimer | Verify | RollbackNow
-    | WaitForReturn
+    | WaitForReturn | CheckReboot | Reboot
 )  # fmt: skip
 
 
@@ -244,6 +272,9 @@ class Phase(Enum):
     ROLLING_BACK = "rolling back"
     LOST = "waiting for the lost host"
     ABORT_CANCEL = "cancelling the timer after Ctrl-C"
+    CHECKING_REBOOT = "checking whether a reboot is needed"
+    REBOOTING = "the reboot"
+    REVERIFYING = "verification after the reboot"
     DONE = "nothing (the deploy is over)"
 
 
@@ -436,7 +467,7 @@ def _verifying(setup: Setup, state: State, seen: Observation) -> Decision:
     if report.ok:
         if setup.timer:
             return _go(state, Phase.VERIFIED_CANCEL, CancelTimer())
-        return _end(Result.OK, "", report.current_system, report)
+        return _verified(setup, state, report.current_system)
     if not report.reachable:
         if setup.timer:
             return _lost(setup, state)
@@ -471,12 +502,77 @@ def _verified_cancel(setup: Setup, state: State, seen: Observation) -> Decision:
     report = state.report
     final = report.current_system if report is not None else None
     if isinstance(seen, TimerCancelled) and seen.gone:
-        return _end(Result.OK, "", seen.current or final, report)
+        return _verified(setup, state, seen.current or final)
     return _end(
         Result.VERIFY_FAILED,
         f"{setup.host}: verified, but the dead-man timer could not be cancelled; it restores "
         f"{setup.previous} when it fires: run `invoke rebuild --host {setup.host}` again",
         final,
+        report,
+    )
+
+
+def _verified(setup: Setup, state: State, final: str | None) -> Decision:
+    """The new system runs and verifies (and no timer is pending): done, or on to the reboot.
+    The order is the safe one: the dead-man timer has protected the switch and is gone (a
+    transient timer would not survive a reboot anyway); the boot default is the new system."""
+    if not setup.reboot:
+        return _end(Result.OK, "", final, state.report)
+    if setup.action == "boot":
+        return _go(state, Phase.REBOOTING, Reboot(), seen=final)
+    return _go(state, Phase.CHECKING_REBOOT, CheckReboot(), seen=final)
+
+
+def _checking_reboot(setup: Setup, state: State, seen: Observation) -> Decision:
+    if isinstance(seen, RebootNeeded):
+        if not seen.needed:
+            return _end(Result.OK, "no reboot needed", state.seen, state.report)
+        note = f"rebooting: the new system changes the {', '.join(seen.reasons)}"
+        decided = _go(state, Phase.REBOOTING, Reboot())
+        return dataclasses.replace(decided, say=(note,))
+    return _end(
+        Result.HOST_LOST,
+        f"{setup.host}: verified, but the host stopped answering before the reboot "
+        f"({_detail(seen)}); check it, then reboot it yourself",
+        state.seen,
+        state.report,
+    )
+
+
+def _rebooting(setup: Setup, state: State, seen: Observation) -> Decision:
+    if isinstance(seen, Rebooted):
+        if seen.booted != setup.expected:
+            return _end(
+                Result.VERIFY_FAILED,
+                f"{setup.host}: rebooted into {seen.booted}, not the new system "
+                f"{setup.expected}; check the boot loader's default from the provider's console",
+                seen.booted,
+                state.report,
+            )
+        return _go(state, Phase.REVERIFYING, Verify(setup.expected, boot=False))
+    return _end(
+        Result.HOST_LOST,
+        f"{setup.host}: the host did not come back after the reboot ({_detail(seen)}); open "
+        "the provider's console (docs/playbooks/vps-rebuild.md, \"The host does not come "
+        'back"): its boot menu also offers the previous generation',
+        None,
+        state.report,
+    )
+
+
+def _reverifying(setup: Setup, state: State, seen: Observation) -> Decision:
+    if not isinstance(seen, Verified):
+        return _bug(setup, state, seen)
+    report = seen.report
+    if report.ok:
+        return _end(Result.OK, f"rebooted into {report.current_system}", report.current_system,
+                    report)  # fmt: skip
+    return _end(
+        Result.VERIFY_FAILED,
+        f"{setup.host}: verification failed after the reboot; the host stays on "
+        f"{report.current_system} (no dead-man timer spans a reboot): `invoke rollback "
+        f"--host {setup.host}` returns it to the previous generation",
+        report.current_system,
         report,
     )
 
@@ -566,7 +662,10 @@ def _interrupted(setup: Setup, state: State) -> Decision:
         if setup.timer:
             return _go(state, Phase.ABORT_CANCEL, CancelTimer())
         return _abort_cancel(setup, state, Interrupt())
-    fired = state.phase in (Phase.RESTORED_READ, Phase.RESTORED_CANCEL)
+    fired = state.phase in (
+        Phase.RESTORED_READ, Phase.RESTORED_CANCEL,  # the timer fired already
+        Phase.CHECKING_REBOOT, Phase.REBOOTING, Phase.REVERIFYING,  # verified, timer cancelled
+    )  # fmt: skip
     tail = "" if fired else _protected_by_timer(setup)
     return _end(
         Result.INTERRUPTED,
@@ -627,5 +726,8 @@ _HANDLERS = {
     Phase.ROLLING_BACK: _rolling_back,
     Phase.LOST: _waiting,
     Phase.ABORT_CANCEL: _abort_cancel,
+    Phase.CHECKING_REBOOT: _checking_reboot,
+    Phase.REBOOTING: _rebooting,
+    Phase.REVERIFYING: _reverifying,
     Phase.DONE: _bug,
 }

@@ -7,15 +7,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import structlog
 
-from rebuild import audit, gitstate, hooks, hostops, identity, nixos
+from rebuild import audit, gitstate, hooks, hostops, identity, nixos, prebuild, preview
 from rebuild import sudo_keyring as sudo_secrets
 from rebuild.console import Console
 from rebuild.core import Outcome, Setup
@@ -68,6 +69,8 @@ class Options:
     break_lock: bool = False
     every: bool = False
     rollback_generation: bool = False  # `invoke rollback`: nixos-rebuild switch --rollback
+    preview: bool = True  # build ahead, copy, and show what will change before the prompt
+    reboot: bool = False  # reboot after activation when the new system needs it
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Run:
     overrides: tuple[str, ...] = ()
     flake: str = ""  # the flake reference used (a remote one pinned to its revision)
     audit_refused: bool = False  # the audit gate refused: no record can be written
+    tools: dict[str, dict[str, str]] = field(default_factory=dict)  # path and version of each
 
     @property
     def operator_record(self) -> dict[str, str]:
@@ -118,16 +122,20 @@ def run_hosts(
     changing = False  # has any host started to change?
     try:
         prepare(run, runs, loaded, opts)
-        if not opts.dry_run:
+        previewed = [hr for hr in runs if previews(hr, opts)]
+        if not opts.dry_run or previewed:
             lock(run, runs, loaded, opts)
+        build_ahead(run, previewed, loaded, opts, console, cancel)
         plan = make_plan(run, runs, opts, run.flake or loaded.flake)
         console.say(render_plan(plan))
         if opts.dry_run:
             console.say("\n--dry-run: stopping after the plan; nothing was run on any host.")
             for hr in runs:
                 hr.overrides.append("dry-run")
-                hr.outcome = Outcome(Result.OK, "dry run: plan only", hr.previous)
-            return 0
+                hr.outcome = hr.outcome or Outcome(Result.OK, "dry run: plan only", hr.previous)
+            return most_severe([outcome_of(hr).exit_code for hr in runs])
+        if all(hr.outcome is not None for hr in runs):  # nothing left to deploy
+            return most_severe([outcome_of(hr).exit_code for hr in runs])
         confirm(runs, opts, loaded, console)
         changing = True
         return rollout(run, runs, plan, loaded, opts, console, cancel)
@@ -160,6 +168,10 @@ def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> Non
     overrides += [] if opts.rollback else ["no-rollback"]
     run.overrides = tuple(overrides)
     run.flake = locked_flake(loaded)
+    run.tools = {
+        "nixos-rebuild": tool_info(loaded.nixos_rebuild_program),
+        "nix": tool_info(loaded.nix_program),
+    }
     for hr in runs:
         attach_sudo_password(hr)
         hr.command = nixos.nixos_rebuild_argv(
@@ -172,10 +184,42 @@ def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> Non
     host_key_gate([hr.endpoint for hr in runs] + [b for b in builders if b is not None])
     terminal_gate(yes=opts.yes, dry_run=opts.dry_run)
     if not opts.rollback_generation:
+        evaluated = [hr for hr in runs if not previews(hr, opts)]  # the others build ahead
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-            paths = list(pool.map(lambda h: expected_system(loaded, h.target, run.flake), runs))
-        for hr, path in zip(runs, paths, strict=True):
+            paths = list(pool.map(lambda h: expected_system(loaded, h.target, run.flake),
+                                  evaluated))  # fmt: skip
+        for hr, path in zip(evaluated, paths, strict=True):
             hr.expected = path
+
+
+def tool_info(program: str) -> dict[str, str]:
+    """Which program runs (resolved on PATH, links followed) and its version."""
+    found = shutil.which(program)
+    path = os.path.realpath(found) if found else program
+    return {"path": path, "version": nixos.tool_version(path)}
+
+
+def previews(hr: HostRun, opts: Options) -> bool:
+    return opts.preview and not opts.rollback_generation and prebuild.wanted(hr)
+
+
+def build_ahead(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
+                console: Console, cancel: threading.Event) -> None:  # fmt: skip
+    """Per host, in parallel: build the new system (the deploy's one evaluation), copy it to
+    the host, and ask the host what the switch will change."""
+
+    def one(hr: HostRun) -> None:
+        hr.expected = prebuild.build(hr, loaded, run.flake, console, cancel)
+        prebuild.copy(hr, loaded, hr.expected, console, cancel)
+        hr.changes = prebuild.ask(hr, hr.expected)
+
+    errors = _parallel(runs, one, opts.jobs, cancel)
+    for hr, error in zip(runs, errors, strict=True):
+        if isinstance(error, Declined):  # Ctrl-C: the whole run stops, nothing changed
+            raise error
+        if isinstance(error, RebuildError):  # this host cannot be deployed; the others can
+            hr.outcome = Outcome(error.result, str(error), hr.previous)
+            console.error(str(error))
 
 
 def audit_gate(run: Run, loaded: Loaded) -> None:
@@ -238,6 +282,7 @@ def make_plan(run: Run, runs: list[HostRun], opts: Options, flake: str) -> Plan:
         overrides=run.overrides,
         hosts=tuple(host_plan(hr, opts, flake) for hr in runs),
         batches=batches([hr.name for hr in runs], batch=opts.batch, canary=opts.canary),
+        totals=preview.totals([hr.changes for hr in runs if hr.changes is not None]),
     )
 
 
@@ -318,6 +363,8 @@ def record(run: Run, hr: HostRun, loaded: Loaded, opts: Options) -> audit.Record
         ),
         duration_s=round(time.monotonic() - hr.started, 3),
         timings={phase: round(seconds, 3) for phase, seconds in hr.timings.items()},
+        changes=hr.changes.to_json() if hr.changes is not None else None,
+        tools=run.tools,
         extra={"warnings": list(hr.warnings)} if hr.warnings else {},
     )
 
@@ -339,8 +386,11 @@ def attach_sudo_password(hr: HostRun) -> None:
         hr.endpoint = replace(hr.endpoint, sudo_password=password)
 
 
-def _parallel(runs: list[HostRun], fn: Callable[[HostRun], None],
-              jobs: int) -> list[BaseException | None]:  # fmt: skip
+def _parallel(runs: list[HostRun], fn: Callable[[HostRun], None], jobs: int,
+              cancel: threading.Event | None = None) -> list[BaseException | None]:  # fmt: skip
+    """`fn` for every host at once; their refusals as values. Ctrl-C sets `cancel` (the steps
+    stop their programs), waits for them, and goes on up."""
+
     def wrapped(hr: HostRun) -> BaseException | None:
         try:
             fn(hr)
@@ -349,7 +399,16 @@ def _parallel(runs: list[HostRun], fn: Callable[[HostRun], None],
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(wrapped, runs))
+        futures = [pool.submit(wrapped, hr) for hr in runs]
+        try:
+            while not all(f.done() for f in futures):
+                wait(futures, timeout=0.2)
+        except KeyboardInterrupt:
+            if cancel is not None:
+                cancel.set()
+            wait(futures)
+            raise
+        return [f.result() for f in futures]
 
 
 def host_plan(hr: HostRun, opts: Options, flake: str) -> HostPlan:
@@ -365,7 +424,21 @@ def host_plan(hr: HostRun, opts: Options, flake: str) -> HostPlan:
         current_system=hr.previous,
         checks=check_names(spec.verify, hr.action, opts.verify),
         rollback_timeout=spec.rollback_timeout if opts.rollback else 0,
+        changes=hr.changes,
+        preview_note=preview_note(hr, opts),
     )
+
+
+def preview_note(hr: HostRun, opts: Options) -> str:
+    if hr.outcome is not None:
+        return f"NOT DEPLOYED: {hr.outcome.message}"
+    if hr.changes is not None or opts.rollback_generation or hr.action == "build":
+        return ""
+    if not opts.preview:
+        return "not previewed (--no-preview)"
+    if hr.target.settings.build_host:
+        return "not previewed: the system is built on the build host during activation"
+    return ""
 
 
 def confirm(runs: list[HostRun], opts: Options, loaded: Loaded, console: Console) -> None:
@@ -402,6 +475,8 @@ def setup_for(hr: HostRun, opts: Options, loaded: Loaded) -> Setup:
         verify=opts.verify,
         rollback=opts.rollback,
         lost_grace=LOST_GRACE,
+        reboot=opts.reboot,
+        reboot_timeout=spec.reboot_timeout,
     )
 
 
@@ -434,6 +509,8 @@ def rollout(run: Run, runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Opt
     failures = 0
     for batch in plan.batches:
         group = [by_name[name] for name in batch]
+        failed_ahead = [hr for hr in group if hr.outcome is not None]  # its build failed
+        group = [hr for hr in group if hr.outcome is None]
         if failures > opts.max_fail or cancel.is_set():
             for hr in group:
                 hr.outcome = Outcome(
@@ -454,6 +531,7 @@ def rollout(run: Run, runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Opt
                 cancel.set()
                 console.error("interrupted: stopping nixos-rebuild; dead-man timers stay armed")
                 wait(futures)
+        failures += len(failed_ahead)
         failures += sum(1 for hr in group if outcome_of(hr).exit_code != 0)
     if len(runs) > 1:
         console.say(summary(runs))
@@ -487,6 +565,7 @@ def host_json(hr: HostRun) -> dict[str, object]:
     data["exit_code"] = outcome.exit_code
     data["run_id"] = hr.run_id
     data["timings"] = {phase: round(s, 3) for phase, s in hr.timings.items()}
+    data["changes"] = hr.changes.to_json() if hr.changes is not None else None
     if outcome.rollback_report is not None:
         data["rollback_checks"] = [c.to_json() for c in outcome.rollback_report.checks]
     return data

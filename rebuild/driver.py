@@ -30,6 +30,7 @@ from rebuild.results import Result
 log = structlog.get_logger("rebuild")
 
 RECONNECT_INTERVAL = 2.0
+REBOOT_GRACE = 3.0  # seconds before asking a rebooting host again
 LOCK_REFRESH_INTERVAL = 30.0  # seconds between refreshes of the host lock without a timer
 MAX_STEPS = 64  # a deploy takes about ten; a bound, not a loop
 LEGACY_SUDO_PROMPTS = 16  # older nixos-rebuild asks once per ssh session; a bound, not a loop
@@ -44,6 +45,8 @@ PHASE_OF: dict[type[core.Action], str] = {
     core.Verify: "verification",
     core.RollbackNow: "rollback",
     core.WaitForReturn: "rollback",
+    core.CheckReboot: "reboot",
+    core.Reboot: "reboot",
 }
 
 
@@ -107,6 +110,12 @@ class Deploy:
                     return self.rollback_now(previous)
                 case core.WaitForReturn(deadline=deadline, give_up=give_up):
                     return self.wait_for_return(deadline, give_up)
+                case core.CheckReboot():
+                    result = self.hr.run(hostops.reboot_check_script(), privileged=False)
+                    reasons = hostops.parse_reboot_check(result.stdout)
+                    return core.RebootNeeded(bool(reasons), reasons)
+                case core.Reboot():
+                    return self.reboot()
         except RebuildError as exc:
             return core.Unreachable(str(exc))
         raise AssertionError(f"unknown action {action!r}")  # pragma: no cover
@@ -182,6 +191,32 @@ class Deploy:
         again = verify_host(hr, previous, settle_timeout=settle)
         self.console.report(again, title="after rollback")
         return core.RolledBackTo(again, result.exited)
+
+    def reboot(self) -> core.Rebooted | core.Unreachable | core.Interrupt:
+        """Reboot the host, then wait (bounded, cancellable) until it answers with a new boot
+        id; the wait counts down on the console."""
+        hr = self.hr
+        before = hr.run(hostops.reboot_script(hr.run_id), timeout=30).stdout.strip()
+        hr.close()
+        deadline = self.clock() + self.setup.reboot_timeout
+        self.console.host_line(hr.name, f"rebooting; waiting up to {self.setup.reboot_timeout}s")
+        self.cancel.wait(REBOOT_GRACE)
+        while self.clock() < deadline:
+            if self.cancel.is_set():
+                return core.Interrupt()
+            try:
+                lines = hr.run(hostops.boot_state_script(), timeout=20,
+                               privileged=False).stdout.splitlines()  # fmt: skip
+            except RebuildError:
+                hr.close()
+                self.cancel.wait(RECONNECT_INTERVAL)
+                continue
+            boot_id = lines[0].strip() if lines else ""
+            if boot_id and boot_id != before:
+                booted = next((x.strip() for x in lines[1:] if x.strip()), None)
+                return core.Rebooted(booted)
+            self.cancel.wait(RECONNECT_INTERVAL)
+        return core.Unreachable(f"no new boot within {self.setup.reboot_timeout}s")
 
     def wait_for_return(self, deadline: float, give_up: float) -> core.Returned | core.Interrupt:
         """The host vanished after activation: wait for its timer to fire, then reconnect."""

@@ -321,6 +321,48 @@ def rollback_now_script(run_id: str, previous: str) -> str:
     )
 
 
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def reboot_check_script() -> str:
+    """The boot links of the booted and the running system, to tell whether a reboot is
+    needed (the kernel, initrd or modules changed)."""
+    lines = []
+    for link in ("kernel", "initrd", "kernel-modules"):
+        lines.append(
+            f"echo '{MARK} {link}'; readlink -e /run/booted-system/{link} 2>/dev/null; "
+            f"echo; readlink -e {CURRENT_SYSTEM}/{link} 2>/dev/null; true"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_reboot_check(output: str) -> tuple[str, ...]:
+    """The links that differ between the booted and the running system."""
+    sections = split_sections(output, MARK)
+    reasons = []
+    for link in ("kernel", "initrd", "kernel-modules"):
+        lines = [line.strip() for line in sections.get(link, [])]
+        booted = lines[0] if lines else ""
+        running = lines[2] if len(lines) > 2 else ""
+        if booted != running:
+            reasons.append(link)
+    return tuple(reasons)
+
+
+def reboot_script(run_id: str) -> str:
+    """The boot id now, then a reboot two seconds later from a transient timer (so that this
+    command returns before the connection goes)."""
+    return (
+        f"cat {BOOT_ID}; systemd-run --on-active=2 --collect --quiet "
+        f"--unit={quote('rebuild-reboot-' + run_id)} -- systemctl reboot >/dev/null\n"
+    )
+
+
+def boot_state_script() -> str:
+    """After a reboot: the boot id and what the host booted."""
+    return f"cat {BOOT_ID} 2>/dev/null; echo; readlink -f /run/booted-system 2>/dev/null; true\n"
+
+
 def generations_script() -> str:
     return f"nix-env -p {SYSTEM_PROFILE} --list-generations 2>&1; true\n"
 

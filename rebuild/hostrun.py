@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rebuild import facts, hostops, nixos, process
+from rebuild import facts, hostops, nixos, preview, process
 from rebuild.core import Outcome
 from rebuild.errors import BuildFailed, ConfigError, GateRefused
 from rebuild.inventory import Loaded, Target
@@ -43,6 +43,7 @@ class HostRun:
     start_record: str | None = None  # the line the host's own deploy log gets at the start
     final_record: str | None = None  # ... and at the end
     warnings: list[str] = field(default_factory=list)
+    changes: preview.Changes | None = None  # what the switch will change (the preview)
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 

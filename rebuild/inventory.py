@@ -240,6 +240,7 @@ class HostSettings(_Strict):
     action: Action = "switch"
     tags: tuple[Name, ...] = ()
     rollback_timeout: Seconds = 90
+    reboot_timeout: Seconds = 300
     extra_args: ExtraArgs = ()
     use_substitutes: StrictBool = True
     image_variant: Annotated[str, _check(_NAME_RE, "image variant")] = "linode"
@@ -270,6 +271,7 @@ class Defaults(_Strict):
     action: Action | None = None
     tags: tuple[Name, ...] | None = None
     rollback_timeout: Seconds | None = None
+    reboot_timeout: Seconds | None = None
     extra_args: ExtraArgs | None = None
     use_substitutes: StrictBool | None = None
     image_variant: Annotated[str, _check(_NAME_RE, "image variant")] | None = None

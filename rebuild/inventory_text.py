@@ -89,6 +89,7 @@ HOST_KEYS: tuple[KeyDoc, ...] = (
            'build here (""), on the host ("target"), or "user@builder[:port]"'),
     KeyDoc("action", '"switch"', "the default action: switch, boot, test, dry-activate, build"),
     KeyDoc("tags", '["prod"]', "labels for invoke rebuild --tag TAG; default: none"),
+    KeyDoc("reboot_timeout", "300", "with --reboot: seconds the host may take to come back"),
     KeyDoc("rollback_timeout", "90",
            "dead-man timer in seconds (longer than verify.settle_timeout); 0: off"),
     KeyDoc("extra_args", '["--show-trace"]', "appended to nixos-rebuild's command; default: none"),

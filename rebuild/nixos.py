@@ -121,6 +121,22 @@ def builder_alias(name: str) -> str:
     return f"rebuild-{name}-builder"
 
 
+_STORE_NAME = re.compile(r"^/nix/store/[0-9a-z]{32}-(?P<name>[^/]+)/")
+
+
+def tool_version(resolved_path: str) -> str:
+    """A Nix-installed program's version from its store path (`...-nix-2.24.9/bin/nix` →
+    `2.24.9`; `...-nixos-rebuild-ng-25.11/bin/nixos-rebuild` → `ng 25.11`), without running
+    it; "unknown" elsewhere."""
+    match = _STORE_NAME.match(resolved_path)
+    if match is None:
+        return "unknown"
+    name = match.group("name")
+    version = re.search(r"-(\d[^-]*)$", name)
+    flavour = "ng " if "nixos-rebuild-ng" in name else ""
+    return flavour + version.group(1) if version else "unknown"
+
+
 def toplevel_attr(flake: str, attr: str) -> str:
     return f"{flake}#nixosConfigurations.{attr}.config.system.build.toplevel.outPath"
 
@@ -155,6 +171,23 @@ def locked_flake_ref(flake: str, metadata: dict[str, object]) -> str | None:
     base, sep, fragment = flake.partition("#")
     joiner = "&" if "?" in base else "?"
     return f"{base}{joiner}rev={rev}" + (sep + fragment if sep else "")
+
+
+def nix_build_system_argv(nix: str, flake: str, attr: str, extra: Sequence[str] = ()) -> list[str]:
+    """`nix build` of the host's system, once, before the prompt (the preview's build): it
+    prints the store path and makes no `result` link; nixos-rebuild's own build of the same
+    attribute is then answered by Nix's evaluation cache and the store."""
+    target = f"{flake}#nixosConfigurations.{attr}.config.system.build.toplevel"
+    return [nix, *EXPERIMENTAL, "build", "--no-link", "--print-out-paths", *extra, target]
+
+
+def nix_copy_argv(nix: str, destination: str, path: str, *, substitute: bool) -> list[str]:
+    """`nix copy` of a built system to the host (ssh:// reads NIX_SSHOPTS, so rebuild's ssh
+    config applies), letting the host fetch from its caches what it can."""
+    argv = [nix, *EXPERIMENTAL, "copy", "--to", f"ssh://{destination}"]
+    if substitute:
+        argv.append("--substitute-on-destination")
+    return [*argv, path]
 
 
 def nix_build_argv(nix: str, flake: str, output: str, *, out_link: str | None = None) -> list[str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rebuild.inventory import VerifySpec
 from rebuild.nixos import render
+from rebuild.preview import Changes
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class HostPlan:
     current_system: str | None
     checks: tuple[str, ...]
     rollback_timeout: int
+    changes: Changes | None = None  # the preview (None: not built ahead)
+    preview_note: str = ""  # why there is no preview
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Plan:
     overrides: tuple[str, ...]
     hosts: tuple[HostPlan, ...]
     batches: tuple[tuple[str, ...], ...]
+    totals: str = ""  # the fleet's preview totals
 
 
 def check_names(spec: VerifySpec, action: str, verify: bool) -> tuple[str, ...]:
@@ -76,11 +80,34 @@ def render_plan(plan: Plan) -> str:
         )
         lines.append(f"    dead-man: {timer}")
         lines.append("    checks:   " + (", ".join(hp.checks) if hp.checks else "none"))
+        lines += preview_lines(hp)
     if len(plan.hosts) > 1:
         lines.append("")
+        if plan.totals:
+            lines.append(f"  changes:   {plan.totals}")
         for i, batch in enumerate(plan.batches, 1):
             lines.append(f"  batch {i}: {', '.join(batch)}")
     return "\n".join(lines)
+
+
+MAX_LISTED = 12
+
+
+def preview_lines(hp: HostPlan) -> list[str]:
+    """The preview under a host: a summary line, then what it is made of."""
+    if hp.changes is None:
+        return [f"    changes:  {hp.preview_note}"] if hp.preview_note else []
+    c = hp.changes
+    lines = [f"    changes:  {c.summary()}"]
+    for p in c.packages[:MAX_LISTED]:
+        lines.append(f"      ~ {p.name} {', '.join(p.before) or '∅'} → {', '.join(p.after) or '∅'}")
+    lines += [f"      + {name}" for name in c.added[:MAX_LISTED]]
+    lines += [f"      - {name}" for name in c.removed[:MAX_LISTED]]
+    hidden = sum(max(0, len(x) - MAX_LISTED) for x in (c.packages, c.added, c.removed))
+    if hidden:
+        lines.append(f"      ... and {hidden} more (--json lists them all)")
+    lines += [f"      ! {problem}" for problem in c.problems]
+    return lines
 
 
 def batches(hosts: list[str], *, batch: int | None, canary: bool) -> tuple[tuple[str, ...], ...]:

@@ -132,8 +132,8 @@ def script(new: str) -> str:
     ]
     for link in BOOT_LINKS:
         lines += [
-            f"echo '{MARK} booted-{link}'; readlink -f /run/booted-system/{link} 2>/dev/null",
-            f"echo '{MARK} new-{link}'; readlink -f {quote(new + '/' + link)} 2>/dev/null",
+            f"echo '{MARK} booted-{link}'; readlink -e /run/booted-system/{link} 2>/dev/null",
+            f"echo '{MARK} new-{link}'; readlink -e {quote(new + '/' + link)} 2>/dev/null",
         ]
     lines += [
         f"echo '{MARK} diff'; nix {EXPERIMENTAL} store diff-closures \"$cur\" {q} 2>&1",

@@ -49,6 +49,8 @@ PASSTHROUGH: tuple[Flag, ...] = (
     Flag("--no-rollback", "no dead-man timer, no rollback: a failed host stays on the new system"),
     Flag("--json", "print one JSON object on stdout (logs as JSON on stderr)"),
     Flag("--break-lock", "break a stale host lock (recorded in the audit)"),
+    Flag("--no-preview", "no build ahead and no preview of the changes (one nixos-rebuild)"),
+    Flag("--reboot", "reboot after activation when the new system needs it, then verify"),
 )
 # Flags of `invoke rebuild` that select other hosts or steer a fleet: a wrapper refuses them.
 FLEET_FLAGS = ("--host", "--tag", "--all", "--batch", "--canary", "--max-fail", "--jobs")

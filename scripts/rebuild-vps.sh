@@ -30,6 +30,8 @@ Inputs:
   --no-rollback            no dead-man timer, no rollback: a failed host stays on the new system
   --json                   print one JSON object on stdout (logs as JSON on stderr)
   --break-lock             break a stale host lock (recorded in the audit)
+  --no-preview             no build ahead and no preview of the changes (one nixos-rebuild)
+  --reboot                 reboot after activation when the new system needs it, then verify
   --inventory PATH         another inventory file (default: inventory.toml in the
                            repository; $REBUILD_INVENTORY is not consulted)
   -h, --help               show this help; starts nothing
@@ -88,7 +90,7 @@ while [ $# -gt 0 ]; do
       inventory_arg=${1#--inventory=}
       [ -n "$inventory_arg" ] || die "--inventory needs a path"
       shift ;;
-    --yes|--dry-run|--allow-dirty|--no-verify|--no-rollback|--json|--break-lock) flags+=("$1"); shift ;;
+    --yes|--dry-run|--allow-dirty|--no-verify|--no-rollback|--json|--break-lock|--no-preview|--reboot) flags+=("$1"); shift ;;
     --host|--host=*|--tag|--tag=*|--all|--batch|--batch=*|--canary|--max-fail|--max-fail=*|--jobs|--jobs=*)
       die "$1: this script deploys $host only; for other or several hosts run invoke rebuild" ;;
     -*) die "unknown option '$1'" ;;

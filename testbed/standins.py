@@ -107,6 +107,9 @@ _NIX_FLAGS0 = {
     "--no-net",
     "--version",
     "--help",
+    "--substitute-on-destination",
+    "-s",
+    "--no-check-sigs",
 }
 _NIX_FLAGS1 = {
     "--extra-experimental-features",
@@ -129,6 +132,8 @@ _NIX_FLAGS1 = {
     "-I",
     "--reference-lock-file",
     "--output-lock-file",
+    "--to",
+    "--from",
 }
 _NIX_FLAGS2 = {"--option", "--override-input", "--arg", "--argstr"}
 
@@ -458,7 +463,8 @@ def _link_result(out: str, link: str) -> None:
 
 
 def nix_main(argv: Sequence[str], default_store: str) -> int:
-    """``nix`` stand-in: ``eval``, ``build``, ``flake metadata``, ``--version``."""
+    """``nix`` stand-in: ``eval``, ``build``, ``copy --to ssh://``, ``flake metadata``,
+    ``--version``."""
     store = _store_dir(default_store)
     try:
         args = parse_nix_args(argv)
@@ -473,7 +479,7 @@ def nix_main(argv: Sequence[str], default_store: str) -> int:
         return 1
     command = args.positional[0]
     features = args.features()
-    if command not in ("eval", "build", "flake"):
+    if command not in ("eval", "build", "flake", "copy"):
         _err(f"error: '{command}' is not a recognised command")
         _err("Try 'nix --help' for more information.")
         return 1
@@ -513,6 +519,8 @@ def nix_main(argv: Sequence[str], default_store: str) -> int:
                 for out in outs:
                     print(out)
             return 0
+        if command == "copy":
+            return _copy(args, store)
         # flake
         sub = args.positional[1] if len(args.positional) > 1 else ""
         if sub not in ("metadata", "info"):
@@ -528,6 +536,29 @@ def nix_main(argv: Sequence[str], default_store: str) -> int:
     except SimError as exc:
         _err(f"error: {exc}")
         return 1
+
+
+def _copy(args: NixArgs, store: Path) -> int:
+    """``nix copy --to ssh://[USER@]HOST PATH...``: Nix's legacy SSH store (src/libstore/
+    legacy-ssh-store.cc) runs ``nix-store --serve --write`` over ``ssh $NIX_SSHOPTS HOST`` and
+    sends the closure; on failure: "error: cannot open connection to remote store ..."."""
+    to = args.value("--to")
+    if not to:
+        raise NixUsage("'nix copy' needs --to or --from")
+    if not to.startswith("ssh://"):
+        raise SimError(f"the test bed copies only to ssh:// stores, not '{to}'")
+    paths = args.positional[1:]
+    if not paths:
+        raise NixUsage("'nix copy' requires at least one installable")
+    remote = Remote(to.removeprefix("ssh://"), verbose=False)
+    for path in paths:
+        if not Path(path).exists():
+            raise SimError(f"path '{path}' is not valid")
+        try:
+            remote.copy_closure(path)
+        except RebuildFailed:
+            return 1
+    return 0
 
 
 def _flake_metadata(flake: Flake, as_json: bool) -> int:

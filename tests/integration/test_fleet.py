@@ -150,7 +150,9 @@ class TestParallelRollout:
         assert f.systems()["edge1"] == edge_before
         assert f.deployed() == {"app1", "app2", "db1"}
         lines = done.stdout.splitlines()
-        start = next(i for i, line in enumerate(lines) if PREFIX.match(line))
+        plan = next(i for i, line in enumerate(lines) if line.startswith("Plan (run "))
+        assert all(line == "" or PREFIX.match(line) for line in lines[:plan])  # the build ahead
+        start = next(i for i, line in enumerate(lines) if i > plan and PREFIX.match(line))
         end = next(i for i, line in enumerate(lines) if line.startswith("host "))
         for line in lines[start:end]:
             assert line == "" or PREFIX.match(line), f"unprefixed line: {line!r}"
@@ -175,7 +177,8 @@ class TestParallelRollout:
         f = fleet
         done = f.invoke("rebuild", "--host", "app1", "--host", "edge1", "--yes", "--jobs", "1")
         assert done.returncode == 0, done.stdout + done.stderr
-        order = [line[1 : line.index("]")] for line in host_lines(done.stdout)]
+        after_plan = done.stdout[done.stdout.index("Plan (run ") :]  # not the builds ahead
+        order = [line[1 : line.index("]")] for line in host_lines(after_plan)]
         first = order[0]
         switch = order.index(next(h for h in order if h != first))
         assert set(order[:switch]) == {first} and first not in order[switch:]
@@ -183,9 +186,10 @@ class TestParallelRollout:
 
 class TestFailures:
     def test_failing_batch_stops_and_later_hosts_are_untouched(self, testbed: Testbed) -> None:
-        """--batch 2: app2 fails to build in batch 1, so batch 2 (db1, edge1) is skipped: no
-        nixos-rebuild, no lock, no timer, same system and generations; exit 5; --json prints
-        one object per host."""
+        """--batch 2: app2 fails to build in batch 1 (found by the build ahead, so its
+        nixos-rebuild never runs), so batch 2 (db1, edge1) is skipped: no nixos-rebuild, no
+        lock, no timer, same system and generations; exit 5; --json prints one object per
+        host."""
         f = make_fleet(testbed, list(TAGS))
         f.set_config("app2", config("v2", f.ports["app2"], build_fail=True))
         before = f.systems()
@@ -196,7 +200,7 @@ class TestFailures:
         for name in ("db1", "edge1"):
             assert f.systems()[name] == before[name]
             assert not f.locked(name) and not f.hosts[name].timers()
-        assert f.deployed() == {"app1", "app2"}
+        assert f.deployed() == {"app1"}
         objects = {o["host"]: o for o in map(json.loads, done.stdout.splitlines())}
         assert list(objects) == list(TAGS)
         assert [objects[n]["result"] for n in TAGS] == ["ok", "build_failed", "skipped", "skipped"]
@@ -209,14 +213,15 @@ class TestFailures:
     def test_canary_failure_skips_the_rest_and_max_fail_lets_it_go_on(
         self, testbed: Testbed
     ) -> None:
-        """--canary: a failing first host stops the run before any other host; with
-        --max-fail 1 the same failure is tolerated and the others deploy."""
+        """--canary: a failing first host stops the run before any other host (its build fails
+        ahead, before the prompt: no nixos-rebuild at all); with --max-fail 1 the same failure
+        is tolerated and the others deploy."""
         f = make_fleet(testbed, ["app1", "app2", "db1"])
         f.set_config("app1", config("v2", f.ports["app1"], build_fail=True))
         before = f.systems()
         done = f.invoke("rebuild", "--all", "--yes", "--canary")
         assert done.returncode == 5, done.stdout + done.stderr
-        assert f.systems() == before and f.deployed() == {"app1"}
+        assert f.systems() == before and f.deployed() == set()
         assert [r["result"] for r in f.records()] == ["build_failed", "skipped", "skipped"]
         done = f.invoke("rebuild", "--all", "--yes", "--canary", "--max-fail", "1")
         assert done.returncode == 5, done.stdout + done.stderr

@@ -90,7 +90,10 @@ class Repo:
         return ssh_keygen_fingerprint(self.host.host_key_line)
 
     def host_flags(self) -> list[str]:
-        return ["--port", str(self.host.port), "--user", self.host.user]
+        """Where and as whom: the dry-run deploy afterwards connects (to take the lock and
+        preview the change), so the host gets the test bed's key too."""
+        return ["--port", str(self.host.port), "--user", self.host.user,
+                "--identity-file", str(self.tb.client_key)]  # fmt: skip
 
     def snapshot(self) -> dict[str, bytes | None]:
         """Every file add-host may write, byte for byte (None: absent)."""
@@ -376,9 +379,11 @@ class TestAddHost:
                 if line[:1] in "+-"]  # fmt: skip
         added = sorted(line[2:].split("#")[0].strip() for line in diff if line[0] == "+")
         assert added == sorted([f'address = "{repo.host.address}"', f"port = {repo.host.port}",
-                                f'user = "{repo.host.user}"'])  # fmt: skip
-        assert len(diff) == 6
-        assert all("  # " in line for line in diff if line[0] == "+")  # comments kept
+                                f'user = "{repo.host.user}"',
+                                f'identity_file = "{repo.tb.client_key}"'])  # fmt: skip
+        assert len(diff) == 8
+        filled = [line for line in diff if line[0] == "+" and "identity_file" not in line]
+        assert all("  # " in line for line in filled)  # comments kept
 
         def prose(text: str) -> list[str]:
             return [c for c in text.splitlines() if c.startswith("#") and " = " not in c]

@@ -181,12 +181,18 @@ class TestPrompt:
 
 class TestFailures:
     def test_build_failure_exit_5(self, deployment: Deployment) -> None:
-        """A configuration that fails to build exits 5 with its error; host unchanged; audited."""
+        """A configuration that fails to build exits 5 with its error, before the prompt (the
+        build ahead of the preview) or in nixos-rebuild (--no-preview); host unchanged;
+        audited; no timer left."""
         d = deployment
         before = d.host.current_system()
         d.set_config("vps", config("v2", d.web_port, build_fail=True))
         done = d.invoke("rebuild", "--host", "vps", "--yes")
-        assert done.returncode in (5,), done.stdout + done.stderr
+        assert done.returncode == 5, done.stdout + done.stderr
+        assert "cannot build vps" in done.stderr and "simulated build failure" in done.stderr
+        assert d.nixos_rebuild_calls() == []  # it failed before anything was asked
+        done = d.invoke("rebuild", "--host", "vps", "--yes", "--no-preview")
+        assert done.returncode == 5, done.stdout + done.stderr
         assert "nixos-rebuild exited" in done.stderr or "cannot evaluate" in done.stderr
         assert d.host.current_system() == before
         record = d.records()[-1]
@@ -272,7 +278,8 @@ class TestInterrupt:
         written; on a busy machine, and when rebuild was started with SIGINT ignored."""
         d = deployment
         d.set_config("vps", config("v2", d.web_port, build_seconds=60))
-        run = Watched(launch(d.argv("rebuild", "--host", "vps", "--yes"), sigint), d.env())
+        argv = d.argv("rebuild", "--host", "vps", "--yes", "--no-preview")
+        run = Watched(launch(argv, sigint), d.env())
         try:
             run.wait_for("[vps] building '", timeout=90)  # the phase: nixos-rebuild builds
             started = time.monotonic()
@@ -284,6 +291,29 @@ class TestInterrupt:
         assert time.monotonic() - started < 30  # stopped, not waited for
         assert "Traceback" not in err
         assert d.records()[-1]["result"] == "interrupted"
+        assert not (d.host.root / "run" / "rebuild-lock").exists()
+
+    @pytest.mark.usefixtures("busy_cpu")
+    @pytest.mark.parametrize("sigint", SIGINT_DISPOSITIONS)
+    def test_sigint_during_the_build_ahead(self, deployment: Deployment, sigint: str) -> None:
+        """Ctrl-C while the preview's build runs: the build is stopped, nothing changed on the
+        host (exit 4, declined), lock released, audit written."""
+        d = deployment
+        before = d.host.generations()
+        d.set_config("vps", config("v2", d.web_port, build_seconds=60))
+        run = Watched(launch(d.argv("rebuild", "--host", "vps", "--yes"), sigint), d.env())
+        try:
+            run.wait_for("[vps] building '", timeout=90)  # the phase: rebuild's own nix build
+            started = time.monotonic()
+            run.proc.send_signal(signal.SIGINT)
+            code, out, err = run.finish(timeout=60)
+        finally:
+            run.kill()
+        assert code == 4, out + err
+        assert time.monotonic() - started < 30
+        assert "Traceback" not in err and "before anything changed" in err
+        assert d.records()[-1]["result"] == "declined"
+        assert d.nixos_rebuild_calls() == [] and d.host.generations() == before
         assert not (d.host.root / "run" / "rebuild-lock").exists()
 
 

@@ -309,8 +309,18 @@ class TestPasswordSudo:
         d.set_config("vps", config("v2", d.web_port, build_prompt=GIT_PROMPT,
                                    build_prompt_record=str(record)))  # fmt: skip
         before = d.host.current_system()
-        started = time.monotonic()
+        # the build ahead (the preview's) runs with no terminal at all: git cannot even ask
         done = d.invoke("rebuild", "--host", "vps", "--yes", timeout=120,
+                        **keyring_env(keyring_file))  # fmt: skip
+        assert done.returncode == 5, done.stdout + done.stderr
+        assert "cannot build vps" in done.stderr and "Password for" in done.stderr
+        asked = [json.loads(line) for line in record.read_text().splitlines()]
+        assert asked == [{"asked": GIT_PROMPT, "GIT_TERMINAL_PROMPT": "0"}]  # nothing read
+        assert d.nixos_rebuild_calls() == []
+        record.unlink()
+        # without the preview, nixos-rebuild builds on rebuild's pseudo-terminal
+        started = time.monotonic()
+        done = d.invoke("rebuild", "--host", "vps", "--yes", "--no-preview", timeout=120,
                         **keyring_env(keyring_file))  # fmt: skip
         assert done.returncode == 5, done.stdout + done.stderr
         assert time.monotonic() - started < 90

@@ -12,10 +12,14 @@ from rebuild import core
 from rebuild.core import (
     ArmTimer,
     CancelTimer,
+    CheckReboot,
     CheckTimer,
     Interrupt,
     LockLost,
     ReadSystem,
+    Reboot,
+    Rebooted,
+    RebootNeeded,
     RebuildExited,
     Returned,
     RollbackNow,
@@ -49,6 +53,8 @@ BUILD = dataclasses.replace(SWITCH, action="build")
 BOOT = dataclasses.replace(SWITCH, action="boot")
 DRY = dataclasses.replace(SWITCH, action="dry-activate")
 UNKNOWN_PREVIOUS = dataclasses.replace(SWITCH, previous=None)
+REBOOT = dataclasses.replace(SWITCH, reboot=True)
+REBOOT_BOOT = dataclasses.replace(BOOT, reboot=True)
 
 
 def report(current: str | None = NEW, *, ok: bool = True, reachable: bool = True) -> Report:
@@ -265,6 +271,38 @@ TABLE = (
     Path_("Ctrl-C after the timer fired: no timer note", SWITCH,
           (ARMED, RebuildExited(0), TimerFired(), Interrupt()),
           (ArmTimer(), RUN, ArmTimer(), ReadSystem()), Result.INTERRUPTED, None),
+    # --- --reboot ---------------------------------------------------------------------------
+    Path_("--reboot, the kernel changed: reboot, come back on it, verify again", REBOOT,
+          (ARMED, RebuildExited(0), REARMED, GOOD, GONE_NEW, RebootNeeded(True, ("kernel",)),
+           Rebooted(NEW), GOOD),
+          (ArmTimer(), RUN, ArmTimer(), VERIFY, CancelTimer(), CheckReboot(), Reboot(), VERIFY),
+          Result.OK, NEW, ("rebooted into",), ("rebooting: the new system changes the kernel",)),
+    Path_("--reboot, nothing boot-related changed: no reboot", REBOOT,
+          (ARMED, RebuildExited(0), REARMED, GOOD, GONE_NEW, RebootNeeded(False)),
+          (ArmTimer(), RUN, ArmTimer(), VERIFY, CancelTimer(), CheckReboot()),
+          Result.OK, NEW, ("no reboot needed",)),
+    Path_("--reboot with boot: always reboots into the new default", REBOOT_BOOT,
+          (RebuildExited(0), Verified(report(NEW)), Rebooted(NEW), GOOD),
+          (RUN_PLAIN, Verify(NEW, boot=True), Reboot(), VERIFY), Result.OK, NEW),
+    Path_("--reboot: the host does not come back", REBOOT,
+          (ARMED, RebuildExited(0), REARMED, GOOD, GONE_NEW, RebootNeeded(True, ("kernel",)),
+           Unreachable("no answer in 300s")),
+          (ArmTimer(), RUN, ArmTimer(), VERIFY, CancelTimer(), CheckReboot(), Reboot()),
+          Result.HOST_LOST, None, ("did not come back after the reboot", "console")),
+    Path_("--reboot: it booted something else", REBOOT,
+          (ARMED, RebuildExited(0), REARMED, GOOD, GONE_NEW, RebootNeeded(True, ("initrd",)),
+           Rebooted(PREV)),
+          (ArmTimer(), RUN, ArmTimer(), VERIFY, CancelTimer(), CheckReboot(), Reboot()),
+          Result.VERIFY_FAILED, PREV, ("rebooted into", "boot loader")),
+    Path_("--reboot: checks fail after the reboot (no timer spans it)", REBOOT,
+          (ARMED, RebuildExited(0), REARMED, GOOD, GONE_NEW, RebootNeeded(True, ("kernel",)),
+           Rebooted(NEW), BAD),
+          (ArmTimer(), RUN, ArmTimer(), VERIFY, CancelTimer(), CheckReboot(), Reboot(), VERIFY),
+          Result.VERIFY_FAILED, NEW, ("after the reboot", "invoke rollback")),
+    Path_("Ctrl-C before the reboot: no timer note (it was cancelled)", REBOOT,
+          (ARMED, RebuildExited(0), REARMED, GOOD, GONE_NEW, Interrupt()),
+          (ArmTimer(), RUN, ArmTimer(), VERIFY, CancelTimer(), CheckReboot()),
+          Result.INTERRUPTED, NEW),
     # --- a driver bug -----------------------------------------------------------------------
     Path_("an observation that cannot happen is an internal error", SWITCH,
           (ARMED, SystemIs(NEW)), (ArmTimer(), RUN), Result.ERROR, None, ("internal error",)),

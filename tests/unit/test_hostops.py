@@ -24,7 +24,10 @@ from rebuild.hostops import (
     parse_generations,
     parse_lock_lost,
     parse_owner,
+    parse_reboot_check,
     parse_trust,
+    reboot_check_script,
+    reboot_script,
     refresh_lock_script,
     release_script,
     restore_command,
@@ -368,7 +371,7 @@ class TestDeadManTimer:
         stc = previous / "bin" / "switch-to-configuration"
         count = host / "count"
         stc.write_text(
-            RECORDER + f'n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}\n'
+            RECORDER + f"n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}\n"
             '[ "$n" -lt 3 ] && { echo "Could not acquire lock" >&2; exit 11; }; exit 0\n',
             encoding="utf-8",
         )
@@ -465,3 +468,29 @@ class TestTrustedUser:
     ) -> None:  # fmt: skip
         """A name, a group it is in (`@wheel`) or `*` trusts; no answer from Nix is unknown."""
         assert hostops.Trust(user, groups, listed).trusted is trusted
+
+
+class TestReboot:
+    def test_reboot_check_under_a_real_sh(self, host: Path) -> None:
+        """The booted and running systems' boot links: a changed kernel is a reason."""
+        readlink = host / "bin" / "readlink"
+        readlink.write_text(
+            '#!/bin/sh\ncase "$2" in\n'
+            "  /run/booted-system/kernel) echo /nix/store/k1-linux-6.6.30/bzImage ;;\n"
+            "  /run/current-system/kernel) echo /nix/store/k2-linux-6.6.31/bzImage ;;\n"
+            "  */initrd) echo /nix/store/i-initrd/initrd ;;\n"
+            "  */kernel-modules) echo /nix/store/m-modules ;;\nesac\n",
+            encoding="utf-8",
+        )
+        assert parse_reboot_check(sh(host, reboot_check_script())) == ("kernel",)
+
+    def test_same_links_need_no_reboot(self) -> None:
+        same = "".join(f"{hostops.MARK} {x}\n/nix/store/a\n\n/nix/store/a\n"
+                       for x in ("kernel", "initrd", "kernel-modules"))  # fmt: skip
+        assert parse_reboot_check(same) == ()
+
+    def test_reboot_returns_before_the_connection_goes(self) -> None:
+        """The reboot comes from a transient timer two seconds later, after the boot id."""
+        script = reboot_script(RUN_ID)
+        assert script.startswith(f"cat {hostops.BOOT_ID}; systemd-run --on-active=2 ")
+        assert f"--unit=rebuild-reboot-{RUN_ID} -- systemctl reboot" in script

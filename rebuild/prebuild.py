@@ -1,0 +1,80 @@
+"""Before the prompt, per host: build the new system once (the one evaluation of the deploy),
+copy it to the host, and ask the host what switching to it will change (`rebuild.preview`).
+Copying changes nothing that runs; a declined deploy leaves only store paths for the garbage
+collector."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from rebuild import nixos, preview, process
+from rebuild.console import Console
+from rebuild.errors import BuildFailed, Declined, RebuildError
+from rebuild.hostrun import HostRun, child_env
+from rebuild.inventory import Loaded
+
+BUILD_TIMEOUT = 3600
+COPY_TIMEOUT = 3600
+PREVIEW_TIMEOUT = 180
+PREVIEWED = ("switch", "test", "boot", "dry-activate")
+
+
+def wanted(hr: HostRun) -> bool:
+    """The preview needs the system built here (not on the host or a builder)."""
+    return hr.action in PREVIEWED and hr.target.settings.build_host == ""
+
+
+Ran = tuple[process.Completed, list[str]]
+
+
+def _stream(hr: HostRun, argv: list[str], console: Console, cancel: threading.Event,
+            env: dict[str, str] | None, timeout: float) -> Ran:  # fmt: skip
+    """Run a step with its output shown under the host's name, stopped by Ctrl-C."""
+    stdout: list[str] = []
+    done = process.stream(argv, env=env, on_line=lambda line: console.host_line(hr.name, line),
+                          on_stdout=stdout.append, cancel=cancel, timeout=timeout)  # fmt: skip
+    if cancel.is_set() or done.returncode == 130:
+        raise Declined(f"{hr.name}: aborted (Ctrl-C) before anything changed")
+    return done, stdout
+
+
+def build(hr: HostRun, loaded: Loaded, flake: str, console: Console,
+          cancel: threading.Event) -> str:  # fmt: skip
+    """`nix build` of the host's system; its store path is what the deploy must end on."""
+    began = time.monotonic()
+    extra = nixos.evaluation_args(hr.target.settings.extra_args)
+    argv = nixos.nix_build_system_argv(loaded.nix_program, flake, hr.target.attr, extra)
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # a flake input's git never asks
+    done, stdout = _stream(hr, argv, console, cancel, env, BUILD_TIMEOUT)
+    hr.timings["build"] = round(time.monotonic() - began, 3)
+    paths = [line.strip() for line in stdout if line.strip().startswith("/")]
+    if not done.ok or not paths:
+        tail = " ".join(done.stderr.strip().splitlines()[-3:]) or f"exit {done.returncode}"
+        raise BuildFailed(f"{hr.name}: cannot build {hr.target.attr}: {tail}")
+    return paths[-1]
+
+
+def copy(hr: HostRun, loaded: Loaded, path: str, console: Console,
+         cancel: threading.Event) -> None:  # fmt: skip
+    """`nix copy` of the built system to the host, through rebuild's ssh config."""
+    began = time.monotonic()
+    spec = hr.target.settings
+    destination = f"{spec.user}@{nixos.target_alias(hr.name)}"
+    argv = nixos.nix_copy_argv(loaded.nix_program, destination, path,
+                               substitute=spec.use_substitutes)  # fmt: skip
+    done, _ = _stream(hr, argv, console, cancel, child_env(loaded, hr.target), COPY_TIMEOUT)
+    hr.timings["copy"] = round(time.monotonic() - began, 3)
+    if not done.ok:
+        tail = " ".join(done.stderr.strip().splitlines()[-3:]) or f"exit {done.returncode}"
+        raise BuildFailed(f"{hr.name}: cannot copy the new system to the host: {tail}")
+
+
+def ask(hr: HostRun, path: str) -> preview.Changes:
+    """What the switch will change, from the host's own tools (one round trip, as root)."""
+    try:
+        result = hr.run(preview.script(path), timeout=PREVIEW_TIMEOUT)
+    except RebuildError as exc:
+        return preview.Changes(problems=(f"the host did not answer the preview: {exc}",))
+    return preview.parse(result.stdout, path)
