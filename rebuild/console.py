@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from typing import TextIO
 
+from rebuild.progress import Progress
 from rebuild.verify import Report
 
 
@@ -32,6 +33,23 @@ class Console:
         self.data = data or sys.stdout
         self.err = err
         self._lock = threading.Lock()
+        self.progress: Progress | None = None  # a fleet's live lines on a terminal
+
+    def is_terminal(self) -> bool:
+        try:
+            return self.out.isatty()
+        except (ValueError, OSError):
+            return False
+
+    def attach(self, progress: Progress | None) -> None:
+        """While a fleet rollout draws live lines, host lines feed them instead of printing."""
+        self.progress = progress
+
+    def phase(self, host: str, phase: str, deadline: float | None = None) -> None:
+        """A host entered a phase (with a deadline: a wait that counts down). Only the live
+        display shows phases; plain output keeps its lines."""
+        if self.progress is not None:
+            self.progress.phase(host, phase, deadline)
 
     def _write(self, stream: TextIO, text: str) -> None:
         with self._lock:
@@ -44,6 +62,9 @@ class Console:
             self.out.flush()
 
     def host_line(self, host: str, line: str) -> None:
+        if self.progress is not None:
+            self.progress.line(host, line)
+            return
         self.say(f"[{host}] {line}")
 
     def error(self, text: str) -> None:
@@ -70,6 +91,11 @@ class Console:
         )
 
     def report(self, report: Report, title: str = "verification") -> None:
+        if self.progress is not None:
+            failing = [c.name for c in report.checks if not c.ok]
+            state = "PASS" if report.ok else "FAIL: " + ", ".join(failing)
+            self.progress.line(report.host, f"{title}: {state}")
+            return
         lines = [f"[{report.host}] {title}: {'PASS' if report.ok else 'FAIL'}"]
         for check in report.checks:
             mark = "ok  " if check.ok else "FAIL"

@@ -45,6 +45,7 @@ from rebuild.locks import (
     take_local_lock,
 )
 from rebuild.plan import HostPlan, Plan, batches, check_names, render_plan
+from rebuild.progress import Progress
 from rebuild.results import Result, most_severe
 from rebuild.verify import Check, Report
 
@@ -505,6 +506,24 @@ def deploy_one(run: Run, hr: HostRun, loaded: Loaded, opts: Options, console: Co
 
 def rollout(run: Run, runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Options,
             console: Console, cancel: threading.Event) -> int:  # fmt: skip
+    """The batches, one after the other; on a terminal, a fleet's hosts as live lines."""
+    live = None
+    if len(runs) > 1 and not opts.json and console.is_terminal():
+        live = Progress(console.out, [hr.name for hr in runs])
+        console.attach(live)
+        live.start()
+    try:
+        return _rollout(run, runs, plan, loaded, opts, console, cancel, live)
+    finally:
+        if live is not None:
+            live.stop()
+            console.attach(None)
+        if len(runs) > 1:
+            console.say(summary(runs))
+
+
+def _rollout(run: Run, runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Options,
+             console: Console, cancel: threading.Event, live: Progress | None) -> int:  # fmt: skip
     by_name = {hr.name: hr for hr in runs}
     failures = 0
     for batch in plan.batches:
@@ -518,6 +537,8 @@ def rollout(run: Run, runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Opt
                     hr.previous,  # untouched: still what it ran
                 )  # fmt: skip
                 release_remote_lock(hr)
+                if live is not None:
+                    live.finish(hr.name, "skipped")
             continue
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
             futures = [
@@ -533,12 +554,21 @@ def rollout(run: Run, runs: list[HostRun], plan: Plan, loaded: Loaded, opts: Opt
                 wait(futures)
         failures += len(failed_ahead)
         failures += sum(1 for hr in group if outcome_of(hr).exit_code != 0)
-    if len(runs) > 1:
-        console.say(summary(runs))
+        if live is not None:
+            for hr in [*failed_ahead, *group]:
+                outcome = outcome_of(hr)
+                live.finish(hr.name, f"{outcome.result} (exit {outcome.exit_code})")
     return most_severe([outcome_of(hr).exit_code for hr in runs])
 
 
+PHASE_ABBREVIATIONS = {
+    "build": "build", "copy": "copy", "activation": "act", "verification": "verify",
+    "rollback": "rollback", "reboot": "reboot",
+}  # fmt: skip
+
+
 def summary(runs: list[HostRun]) -> str:
+    """The table at the end of a fleet run: result, exit code, time, seconds per phase."""
     lines = ["", f"{'host':16} {'result':14} {'exit':4} {'duration':>9}  system"]
     for hr in runs:
         outcome = outcome_of(hr)
@@ -547,6 +577,10 @@ def summary(runs: list[HostRun]) -> str:
             f"{hr.name:16} {outcome.result:14} {outcome.exit_code:<4} {seconds:>8.1f}s  "
             f"{outcome.final_system or '-'}"
         )
+        phases = [f"{short} {hr.timings[phase]:.1f}s" for phase, short in
+                  PHASE_ABBREVIATIONS.items() if phase in hr.timings]  # fmt: skip
+        if phases:
+            lines.append(f"{'':16} {', '.join(phases)}")
     return "\n".join(lines)
 
 

@@ -70,11 +70,29 @@ class Deploy:
             action = decision.next
             if isinstance(action, core.Outcome):
                 return action
+            self.console.phase(self.hr.name, *self._label(action))
             seen = core.Interrupt() if self.cancel.is_set() else self._timed(action)
             log.debug("step", host=self.hr.name, action=type(action).__name__,
                       seen=type(seen).__name__)  # fmt: skip
             decision = core.step(self.setup, decision.state, seen)
         return core.Outcome(Result.ERROR, f"{self.hr.name}: internal error: no outcome")
+
+    def _label(self, action: core.Action) -> tuple[str, float | None]:
+        """What the live display shows for an action, and when a wait in it ends."""
+        now = self.clock()
+        match action:
+            case core.Verify():
+                settle = self.hr.target.settings.verify.settle_timeout
+                return "verifying", now + settle
+            case core.WaitForReturn(deadline=deadline):
+                return "host lost: waiting for its dead-man timer", deadline
+            case core.Reboot():
+                return "rebooting", now + self.setup.reboot_timeout
+            case core.RunNixosRebuild():
+                return "nixos-rebuild", None
+            case core.RollbackNow():
+                return "rolling back", None
+        return PHASE_OF[type(action)], None
 
     def _timed(self, action: core.Action) -> core.Observation:
         began = self.clock()

@@ -165,7 +165,14 @@ class TestParallelRollout:
             assert any(line.startswith(f"[{name}] activating the configuration") for line in own)
         table = lines[end:]
         assert table[0].split() == ["host", "result", "exit", "duration", "system"]
-        rows = {row.split()[0]: row.split() for row in table[1:] if row.strip()}
+        rows = {row.split()[0]: row.split() for row in table[1:]
+                if row.strip() and not row.startswith(" ")}  # fmt: skip
+        phases = [row.split() for row in table[1:] if row.startswith(" ")]
+        assert len(phases) == 3  # seconds per phase under each host's row
+        for words in phases:
+            spent = dict(zip(words[0::2], (float(w.rstrip("s,")) for w in words[1::2]),
+                             strict=True))  # fmt: skip
+            assert {"build", "copy", "act", "verify"} <= set(spent)
         assert set(rows) == {"app1", "app2", "db1"}
         for name, row in rows.items():
             assert row[1:3] == ["ok", "0"] and row[3].endswith("s") and row[4] == f.v1(name)
@@ -244,7 +251,7 @@ class TestFailures:
         assert f.hosts["db1"].current_system() == db_before
         assert not f.waiting_timers("db1")
         rows = done.stdout[done.stdout.index("\nhost ") :].split("\n")[2:]
-        assert [row.split()[:3] for row in rows if row] == [
+        assert [row.split()[:3] for row in rows if row and not row.startswith(" ")] == [
             ["app1", "ok", "0"], ["app2", "build_failed", "5"], ["db1", "rolled_back", "7"],
         ]  # fmt: skip
         done = f.invoke("rebuild", "--host", "app2", "--host", "db1", "--yes", "--no-rollback")
@@ -346,3 +353,23 @@ def test_hosts_in_network_namespaces_deploy_in_parallel(testbed: Testbed) -> Non
     for name in ("ns1", "ns2"):
         assert f.hosts[name].address.startswith("10.214.")
         assert f.hosts[name].current_system() == f.v1(name)
+
+
+def test_live_lines_on_a_terminal(testbed: Testbed) -> None:
+    """On a real pseudo-terminal a fleet rollout draws one live line per host, redrawn in
+    place (cursor up, line cleared), with the phase and its seconds; a waiting check counts
+    down; each line ends with the host's result; the summary follows. Without a terminal
+    (every other test here) the lines are plain and prefixed."""
+    f = make_fleet(testbed, ["app1", "app2"])
+    argv = f.argv("rebuild", "--all", "--yes")
+    child = pexpect.spawn(argv[0], argv[1:], env=f.env(), encoding="utf-8", timeout=180,
+                          dimensions=(40, 160))  # fmt: skip
+    child.expect(pexpect.EOF)
+    child.close()
+    out = child.before or ""
+    assert child.exitstatus == 0, out
+    assert "\x1b[2A" in out and out.count("\x1b[2K[app1]") >= 2
+    assert re.search(r"\[app1\] (nixos-rebuild|verifying) \d+s", out), out
+    assert re.search(r"verifying \d+s \(\d+s left\)", out), out
+    assert "[app1] ok (exit 0)" in out and "[app2] ok (exit 0)" in out
+    assert "\nhost " in out.replace("\r\n", "\n")

@@ -50,6 +50,13 @@ class TestGoodDeploy:
         data = json.loads(line)
         assert data["host"] == "vps" and data["ok"] is True and data["result"] == "ok"
         assert data["exit_code"] == 0 and data["current_system"] == data["expected_system"]
+        # seconds per phase, in the JSON and the audit; together within the run's duration
+        record = deployment.records()[-1]
+        assert data["timings"] == record["timings"]
+        assert {"build", "copy", "activation", "verification"} <= set(record["timings"])
+        assert 0 < sum(record["timings"].values()) <= record["duration_s"] + 0.1
+        assert data["changes"] == record["changes"] and "units" in data["changes"]
+        assert record["tools"]["nixos-rebuild"]["path"].endswith("recording-nixos-rebuild")
 
 
 class TestGates:
