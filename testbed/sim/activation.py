@@ -20,8 +20,9 @@ holds it the program prints ``Could not acquire lock`` on stderr and exits with 
 file the host's ``flock`` shim maps ``/run/nixos/...`` to. Two test bed knobs of the
 configuration, not of NixOS: ``activation_seconds`` makes the program work that long under the
 lock before it switches (a slow boot-loader install or unit start), printing a line every second
-(a long but chatty activation); every run is noted in ``$SIM_ROOT/sim/log/activations.jsonl``
-(system, action, start, end, exit code), so tests can tell the order of two switches.
+(a long but chatty activation; not for ``dry-activate``); every run is noted in
+``$SIM_ROOT/sim/log/activations.jsonl`` (phase ``locked`` once it holds the lock, ``end`` with
+its exit code; system, action, pid, start, end), so tests can tell the order of two switches.
 """
 
 from __future__ import annotations
@@ -181,8 +182,11 @@ def stc_main(script: str, argv: Sequence[str]) -> int:
             code = EAGAIN
             return code
         try:
+            _journal(host, {"phase": "locked", "system": store_path, "action": argv[0],
+                            "pid": os.getpid(), "start": started})  # fmt: skip
             _, config = load_system(store_path)
-            _slow_step(float(str(config.get("activation_seconds") or 0)))
+            if argv[0] != "dry-activate":
+                _slow_step(float(str(config.get("activation_seconds") or 0)))
             code = activate(host, store_path, argv[0])
         finally:
             os.close(lock)
@@ -191,7 +195,8 @@ def stc_main(script: str, argv: Sequence[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        _journal(host, store_path, argv[0], started, code)
+        entry = {"phase": "end", "system": store_path, "action": argv[0], "pid": os.getpid()}
+        _journal(host, {**entry, "start": started, "end": time.time(), "code": code})
 
 
 def _switch_lock(host: Host) -> int | None:
@@ -223,9 +228,7 @@ def _slow_step(seconds: float) -> None:
         time.sleep(min(1.0, left))
 
 
-def _journal(host: Host, store_path: str, action: str, started: float, code: int) -> None:
-    entry = {"system": store_path, "action": action, "pid": os.getpid(), "start": started,
-             "end": time.time(), "code": code}  # fmt: skip
+def _journal(host: Host, entry: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
         log = host.root / "sim" / "log"
         log.mkdir(parents=True, exist_ok=True)

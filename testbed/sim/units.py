@@ -22,6 +22,7 @@ from typing import Any
 
 from testbed.procs import is_alive, proc_start_time, terminate
 from testbed.sim.host import Host
+from testbed.sim.server import spawn_helper
 from testbed.store import canonical_json
 
 UNIT_READY_TIMEOUT = 5.0
@@ -54,6 +55,12 @@ def unit_view(unit: dict[str, Any], now: float | None = None) -> tuple[str, str]
         and pid
         and not is_alive(int(pid), unit.get("pid_start"))
     ):
+        wrapper = unit.get("wrapper_pid")
+        if wrapper and is_alive(int(wrapper), unit.get("wrapper_start")):
+            # a transient service's main process just exited and its wrapper (systemd's side,
+            # testbed.sim.systemd_run) is recording the result: systemd would be reaping it
+            # now, not showing it failed (a switch that starts as another ends saw this)
+            return "deactivating", "stop"
         return "failed", "failed"
     return active, sub
 
@@ -90,7 +97,7 @@ def server_def(udef: dict[str, Any], label: str) -> str:
 def _start_server(host: Host, name: str, udef: dict[str, Any], label: str) -> tuple[int, int, str]:
     """Start the HTTP server of a unit with a port; (pid, start time, error text)."""
     read_fd, write_fd = os.pipe()
-    argv = host.internal_argv(
+    args = [
         "unit-server",
         "--addr",
         host.address,
@@ -102,22 +109,10 @@ def _start_server(host: Host, name: str, udef: dict[str, Any], label: str) -> tu
         f"{name} {label}".strip(),
         "--ready-fd",
         str(write_fd),
-    )
+    ]
     log = host.log(name)
     try:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as handle:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                pass_fds=(write_fd,),
-                env=host.service_env(),
-                cwd="/",
-            )
+        proc = spawn_helper(host, args, host.service_env(), log, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
     try:

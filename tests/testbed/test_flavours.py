@@ -290,6 +290,7 @@ class TestSwitchLock:
         journal = [
             json.loads(x)
             for x in (host.root / "sim/log/activations.jsonl").read_text().splitlines()
+            if json.loads(x)["phase"] == "end"
         ]
         assert [(Path(j["system"]) == Path(quick), j["code"]) for j in journal[-2:]] == [
             (True, 11),
