@@ -190,7 +190,11 @@ class ReadSystem:
 
 @dataclass(frozen=True)
 class CancelTimer:
-    """Stop the dead-man timer and prove it is gone: TimerCancelled."""
+    """Stop the dead-man timer and prove it is gone: TimerCancelled. With `release` (the
+    deploy verified and nothing follows), the same round trip notes the result in the host's
+    log and releases its lock once the timer is gone."""
+
+    release: bool = False
 
 
 @dataclass(frozen=True)
@@ -466,7 +470,7 @@ def _verifying(setup: Setup, state: State, seen: Observation) -> Decision:
     state = dataclasses.replace(state, report=report)
     if report.ok:
         if setup.timer:
-            return _go(state, Phase.VERIFIED_CANCEL, CancelTimer())
+            return _go(state, Phase.VERIFIED_CANCEL, CancelTimer(release=not setup.reboot))
         return _verified(setup, state, report.current_system)
     if not report.reachable:
         if setup.timer:

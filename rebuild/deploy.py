@@ -487,6 +487,7 @@ LOST_GRACE = 20.0  # seconds past the timer's deadline before concluding a host 
 def deploy_one(run: Run, hr: HostRun, loaded: Loaded, opts: Options, console: Console,
                cancel: threading.Event) -> None:  # fmt: skip
     """One host's deploy to its Outcome; never raises (a bug is an `error` outcome)."""
+    hr.success_record = host_record(run, hr, hr.expected, str(Result.OK))
     deploy = Deploy(hr, setup_for(hr, opts, loaded), loaded, console, cancel)
     try:
         hr.outcome = deploy.run()

@@ -116,9 +116,18 @@ class Deploy:
                     return core.TimerFired() if fired else core.TimerPending()
                 case core.ReadSystem():
                     return core.SystemIs(current_system(self.hr))
-                case core.CancelTimer():
-                    result = self.hr.run(hostops.cancel_timer_script(self.hr.run_id), timeout=30)
+                case core.CancelTimer(release=release):
+                    hr = self.hr
+                    record = hr.success_record if release and hr.remote_locked else None
+                    script = hostops.cancel_timer_script(hr.run_id, record)
+                    result = hr.run(script, timeout=30)
                     gone, now = hostops.parse_cancel(result.stdout)
+                    if record is not None and hostops.parse_released(result.stdout):
+                        hr.remote_locked = False  # released in the same round trip
+                        if hostops.record_failed(result.stdout):
+                            hr.warnings.append(
+                                f"could not note the result in {hostops.DEPLOY_LOG} on the host"
+                            )
                     return core.TimerCancelled(gone, now)
                 case core.Verify(expected=expected, boot=boot):
                     report = verify_host(self.hr, expected, boot=boot)

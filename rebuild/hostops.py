@@ -250,15 +250,29 @@ def timer_state_script(run_id: str) -> str:
     )
 
 
-def cancel_timer_script(run_id: str) -> str:
+def cancel_timer_script(run_id: str, release: str | None = None) -> str:
     """Stop the timer, then show its state (so the caller can prove it is gone) and what the
-    host runs, in one round trip."""
+    host runs, in one round trip. With `release` (the host's log line for a verified deploy),
+    once the timer is proven gone the same round trip notes it and releases the lock."""
     unit = timer_unit(run_id)
-    return (
+    script = (
         f"systemctl stop {quote(unit + '.timer')} 2>/dev/null; "
-        + timer_state_script(run_id)
-        + f"echo '{MARK} current'; readlink -f {CURRENT_SYSTEM} 2>/dev/null; true\n"
+        f"st=$(systemctl show -p Id,LoadState,ActiveState,SubState --no-pager -- "
+        f"{quote(unit + '.timer')} 2>/dev/null); printf '%s\\n' \"$st\"; "
+        f"echo '{MARK} current'; readlink -f {CURRENT_SYSTEM} 2>/dev/null; true\n"
     )
+    if release is None:
+        return script
+    return script + (
+        'case "$st" in *LoadState=not-found*|*ActiveState=inactive*|*ActiveState=failed*) '
+        + release_script(run_id, release).strip()
+        + f"; echo '{MARK} released';; esac; true\n"
+    )
+
+
+def parse_released(output: str) -> bool:
+    """Did the cancel step release the lock (the timer was gone)?"""
+    return f"{MARK} released" in output
 
 
 def parse_cancel(output: str) -> tuple[bool, str | None]:

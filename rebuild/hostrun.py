@@ -42,6 +42,7 @@ class HostRun:
     outcome: Outcome | None = None
     start_record: str | None = None  # the line the host's own deploy log gets at the start
     final_record: str | None = None  # ... and at the end
+    success_record: str | None = None  # the end's line if it verifies (sent with the cancel)
     warnings: list[str] = field(default_factory=list)
     changes: preview.Changes | None = None  # what the switch will change (the preview)
     timings: dict[str, float] = field(default_factory=dict)

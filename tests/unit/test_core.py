@@ -72,6 +72,7 @@ REARMED = TimerArmed(at=60.0)
 GONE_NEW = TimerCancelled(gone=True, current=NEW)
 GONE_PREV = TimerCancelled(gone=True, current=PREV)
 RUN = RunNixosRebuild(heartbeat=True)
+FINISH = CancelTimer(release=True)  # after a verification that passed: cancel and release
 RUN_PLAIN = RunNixosRebuild(heartbeat=False)
 VERIFY = Verify(NEW, boot=False)
 WAIT = WaitForReturn(deadline=150.0, give_up=200.0)  # re-armed at 60 + 90 s, + 50 s grace
@@ -96,7 +97,7 @@ TABLE = (
     # --- healthy ----------------------------------------------------------------------------
     Path_("healthy, with the dead-man timer", SWITCH,
           (ARMED, RebuildExited(0), REARMED, GOOD, GONE_NEW),
-          (ArmTimer(), RUN, ArmTimer(), VERIFY, CancelTimer()),
+          (ArmTimer(), RUN, ArmTimer(), VERIFY, FINISH),
           Result.OK, NEW, said=("dead-man timer armed",)),
     Path_("healthy, timer off (rollback_timeout = 0)", NO_TIMER,
           (RebuildExited(0), GOOD), (RUN_PLAIN, VERIFY), Result.OK, NEW),
@@ -107,7 +108,7 @@ TABLE = (
     Path_("a beat during nixos-rebuild and a re-arm that first missed", SWITCH,
           (ARMED, RebuildExited(0, beats=(TimerArmed(20.0), Unreachable("x"))),
            Unreachable("timeout"), TimerPending(), GOOD, GONE_NEW),
-          (ArmTimer(), RUN, ArmTimer(), CheckTimer(), VERIFY, CancelTimer()),
+          (ArmTimer(), RUN, ArmTimer(), CheckTimer(), VERIFY, FINISH),
           Result.OK, NEW),
     Path_("boot: the profile is checked, no timer", BOOT,
           (RebuildExited(0), Verified(report(NEW))),
@@ -136,11 +137,11 @@ TABLE = (
     Path_("activation fails after switching (exit 4 from switch-to-configuration): verified",
           SWITCH, (ARMED, RebuildExited(1, "units failed"), REARMED, SystemIs(NEW), GOOD,
                    GONE_NEW),
-          (ArmTimer(), RUN, ArmTimer(), ReadSystem(), VERIFY, CancelTimer()),
+          (ArmTimer(), RUN, ArmTimer(), ReadSystem(), VERIFY, FINISH),
           Result.OK, NEW, said=("exited 1 after activating the new system",)),
     Path_("activation fails after switching, and --no-verify: verified all the same", NO_VERIFY,
           (ARMED, RebuildExited(1, "x"), REARMED, SystemIs(NEW), GOOD, GONE_NEW),
-          (ArmTimer(), RUN, ArmTimer(), ReadSystem(), VERIFY, CancelTimer()), Result.OK, NEW),
+          (ArmTimer(), RUN, ArmTimer(), ReadSystem(), VERIFY, FINISH), Result.OK, NEW),
     Path_("build fails and the host does not answer: the timer decides", SWITCH,
           (ARMED, RebuildExited(255, "lost"), REARMED, Unreachable("gone"), Returned(PREV)),
           (ArmTimer(), RUN, ArmTimer(), ReadSystem(), WAIT), Result.ROLLED_BACK, PREV),
@@ -179,7 +180,7 @@ TABLE = (
           Result.VERIFY_FAILED, None, ("rollback could not run",)),
     Path_("verified, but the timer cannot be cancelled", SWITCH,
           (ARMED, RebuildExited(0), REARMED, GOOD, TimerCancelled(gone=False, current=NEW)),
-          (ArmTimer(), RUN, ArmTimer(), VERIFY, CancelTimer()),
+          (ArmTimer(), RUN, ArmTimer(), VERIFY, FINISH),
           Result.VERIFY_FAILED, NEW, ("could not be cancelled",)),
     # --- the timer fired while rebuild was away ---------------------------------------------
     Path_("timer fired while away: the host restored itself", SWITCH,
@@ -258,7 +259,7 @@ TABLE = (
           ("during verification", TIMER_NOTE)),
     Path_("Ctrl-C after verification, before the timer was cancelled", SWITCH,
           (ARMED, RebuildExited(0), REARMED, GOOD, Interrupt()),
-          (ArmTimer(), RUN, ArmTimer(), VERIFY, CancelTimer()), Result.INTERRUPTED, None,
+          (ArmTimer(), RUN, ArmTimer(), VERIFY, FINISH), Result.INTERRUPTED, None,
           (TIMER_NOTE,)),
     Path_("Ctrl-C before the immediate rollback", SWITCH,
           (ARMED, RebuildExited(0), REARMED, BAD, Interrupt()),

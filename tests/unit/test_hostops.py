@@ -61,6 +61,7 @@ esac
 def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fake host root: the lock lives under tmp_path, programs are recorders."""
     monkeypatch.setattr(hostops, "LOCK_DIR", str(tmp_path / "run" / "rebuild-lock"))
+    monkeypatch.setattr(hostops, "DEPLOY_LOG", str(tmp_path / "var" / "deployments.jsonl"))
     (tmp_path / "run").mkdir()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -494,3 +495,27 @@ class TestReboot:
         script = reboot_script(RUN_ID)
         assert script.startswith(f"cat {hostops.BOOT_ID}; systemd-run --on-active=2 ")
         assert f"--unit=rebuild-reboot-{RUN_ID} -- systemctl reboot" in script
+
+
+class TestCancelAndRelease:
+    def test_a_gone_timer_releases_in_the_same_round_trip(self, host: Path) -> None:
+        """Verified: the cancel step also notes the result and removes this run's lock, once
+        systemd says the timer is gone."""
+        systemctl = host / "bin" / "systemctl"
+        systemctl.write_text(RECORDER + 'case "$1" in show) echo LoadState=not-found;; esac\n',
+                             encoding="utf-8")  # fmt: skip
+        take_lock(host)
+        out = sh(host, cancel_timer_script(RUN_ID, '{"result": "ok"}'))
+        assert hostops.parse_released(out) and parse_cancel(out)[0]
+        assert not (host / "run" / "rebuild-lock").exists()
+        assert (host / "var" / "deployments.jsonl").read_text() == '{"result": "ok"}\n'
+
+    def test_a_timer_still_waiting_keeps_the_lock(self, host: Path) -> None:
+        """Not proven gone: nothing is released (the deploy's outcome is decided first)."""
+        systemctl = host / "bin" / "systemctl"
+        systemctl.write_text(RECORDER + 'case "$1" in show) echo ActiveState=active;; esac\n',
+                             encoding="utf-8")  # fmt: skip
+        take_lock(host)
+        out = sh(host, cancel_timer_script(RUN_ID, '{"result": "ok"}'))
+        assert not hostops.parse_released(out)
+        assert (host / "run" / "rebuild-lock").exists()
