@@ -39,9 +39,7 @@ def _usage_errors_exit_2() -> None:
         except ParseError as exc:
             raise Exit(f"error: {exc} (see `invoke --list`, `invoke --help TASK`)", 2) from None
         except ValueError as exc:
-            raise Exit(
-                f"error: bad flag value: {exc} (see `invoke --help TASK`)", code=2
-            ) from None
+            raise Exit(f"error: bad flag value: {exc} (see `invoke --help TASK`)", code=2) from None
 
     parse_tasks.rebuild_wrapped = True  # type: ignore[attr-defined]
     Program.parse_tasks = parse_tasks  # type: ignore[method-assign]
@@ -114,7 +112,7 @@ def _guard(json_mode: bool, body: Callable[[], int]) -> None:
         "break_lock": "break a stale host lock (recorded in the audit)",
         "no_preview": "do not build ahead and show what will change (one nixos-rebuild call)",
         "reboot": "after a verified activation, reboot when the new system needs it (kernel, "
-                  "initrd, modules; with --action boot always), wait for it, verify again",
+        "initrd, modules; with --action boot always), wait for it, verify again",
         "inventory": INVENTORY_HELP,
     },
 )

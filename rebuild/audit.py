@@ -186,8 +186,7 @@ def redact_value(value: Any) -> Any:
     """Drop values under secret-looking keys, recursively."""
     if isinstance(value, dict):
         return {
-            k: ("[redacted]" if is_secret_key(k) else redact_value(v))
-            for k, v in value.items()
+            k: ("[redacted]" if is_secret_key(k) else redact_value(v)) for k, v in value.items()
         }
     if isinstance(value, list | tuple):
         return [redact_value(v) for v in value]

@@ -110,7 +110,7 @@ def _build_host(value: str) -> str:
     if value in ("", "target"):
         return value
     user, _, rest = value.rpartition("@")
-    bad = f"{value!r} is not \"\", \"target\" or user@host[:port]"
+    bad = f'{value!r} is not "", "target" or user@host[:port]'
     if not user or not _USER_RE.match(user) or not rest:
         raise ValueError(bad)
     port = ""

@@ -132,8 +132,7 @@ def host_key_problem(endpoint: Endpoint) -> str | None:
         return (
             f"{endpoint.known_hosts} vouches for {endpoint.name} ({endpoint.key_name}) with an "
             "@cert-authority line, which rebuild does not support (its SSH library cannot check "
-            "host certificates); pin the host's own key instead: "
-            + keyscan_hint(endpoint)
+            "host certificates); pin the host's own key instead: " + keyscan_hint(endpoint)
         )
     by_type = known.keys.lookup(endpoint.key_name)
     if by_type is None:
@@ -336,9 +335,7 @@ def sudo_problem(endpoint: Endpoint, stderr: str) -> str | None:
         if not endpoint.keyring_available:
             from rebuild.sudo_keyring import no_backend_message
 
-            return f"sudo on {name} needs a password for {user}: " + no_backend_message(
-                name, user
-            )
+            return f"sudo on {name} needs a password for {user}: " + no_backend_message(name, user)
         return (
             f"sudo on {name} needs a password for {user} and none is stored; store it with "
             f"`invoke secret set --host {name}` (kept in the OS keyring), or allow "

@@ -103,8 +103,10 @@ def evaluate(
     for i, http in enumerate(spec.http):
         got_status = facts.http.get(i, "")
         ok = got_status == str(http.status)
-        detail = f"answered {got_status}" if got_status.isdigit() and got_status != "000" else (
-            f"no answer ({got_status or 'nothing'})"
+        detail = (
+            f"answered {got_status}"
+            if got_status.isdigit() and got_status != "000"
+            else (f"no answer ({got_status or 'nothing'})")
         )
         if not ok:
             detail += f", expected {http.status}"

@@ -67,5 +67,6 @@ if [ "$mode" = demo ]; then
   exec invoke demo
 fi
 ruff check .
+ruff format --check .
 mypy
 exec pytest -q

@@ -37,7 +37,11 @@ class TestGoodDeploy:
         assert record["result"] == "ok" and record["exit_code"] == 0
         assert record["expected_system"] == want
         assert record["command"][1:6] == [
-            "switch", "--flake", f"{d.flake}#vps", "--no-reexec", "--target-host"
+            "switch",
+            "--flake",
+            f"{d.flake}#vps",
+            "--no-reexec",
+            "--target-host",
         ]
         assert {c["name"] for c in record["checks"]} >= {"current-system", "system-state"}
         assert all(c["ok"] for c in record["checks"])
