@@ -21,7 +21,7 @@ from typing import Any
 from rebuild import audit, gitstate, identity
 from rebuild.console import Console
 from rebuild.errors import GateRefused, RebuildError
-from rebuild.facts import MARK, split_sections
+from rebuild.facts import MARK, parse_failed_units, split_sections
 from rebuild.gates import host_key_gate, operator_gate
 from rebuild.inventory import Loaded, Target
 from rebuild.remote import Endpoint, Remote
@@ -99,16 +99,6 @@ def reboot_reasons(booted: System, current: System) -> tuple[str, ...]:
     if not booted.links or not current.links:
         return ()
     return tuple(link for link in BOOT_LINKS if booted.links.get(link) != current.links.get(link))
-
-
-def parse_failed_units(lines: list[str]) -> tuple[str, ...]:
-    """`systemctl list-units --state=failed --plain --no-legend`: the first column."""
-    units = []
-    for line in lines:
-        words = line.replace("●", " ").split()
-        if words:
-            units.append(words[0])
-    return tuple(units)
 
 
 def parse_last_deploy(lines: list[str]) -> dict[str, Any] | None:
