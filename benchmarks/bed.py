@@ -269,6 +269,8 @@ class Bed:
                           initial_config=web_config("r0", ports))  # fmt: skip
         if sim.sshd is not None:
             self.groups.add("hosts", sim.sshd.pid)
+        if sim.server is not None:  # the host's simulator: its commands run in its children
+            self.groups.add("hosts", sim.server.pid)
         listen = "127.0.0.1" if self.netns else sim.sshd_address
         proxy = CountingProxy(listen, sim.sshd_address, sim.sshd_port, 0)
         proxy.start()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bed import CORES, Bed, BenchHost, Cpu, cpu_meter, median, run_invoke, ssh_true
-from rebuild import audit, deploy, hostrun
+from rebuild import hostrun
 from rebuild.inventory import load
 
 TARGET = 1.5
@@ -74,15 +74,13 @@ def verify_hosts(bed: Bed, inventory: Path, hosts: list[BenchHost]) -> Cpu:
     runs = []
     for h in hosts:
         target = loaded.target(h.name)
-        record = audit.Record(run_id="bench", host=h.name, address=target.address,
-                              action="verify", flake=loaded.flake, attr=target.attr,
-                              operator={})  # fmt: skip
-        runs.append(hostrun.HostRun(target, record, hostrun.endpoint_for(loaded, target), "verify"))
+        endpoint = hostrun.endpoint_for(loaded, target)
+        runs.append(hostrun.HostRun(target, endpoint, "verify", "bench"))
 
     def one(hr: hostrun.HostRun) -> bool:
         try:
             hr.connection()
-            return deploy.verify_host(hr, expected[hr.name], settle_timeout=0).ok
+            return hostrun.verify_host(hr, expected[hr.name], settle_timeout=0).ok
         finally:
             hr.close()
 

@@ -6,7 +6,7 @@ listening, command exits 0, a readlink of /run/current-system), each measured `r
 fresh connection, median reported:
 - `ssh host true`: the floor, one fresh OpenSSH connection and one command;
 - rebuild, in-process: open the connection (Fabric/paramiko, strict host keys), then one
-  verification (`deploy.verify_host`); remote commands counted by wrapping `Remote.run`;
+  verification (`hostrun.verify_host`); remote commands counted by wrapping `Remote.run`;
 - `invoke verify --host h00`: the real command, end to end (Python start, git, nix eval, the
   connection and the verification);
 - testinfra (paramiko backend, the same checks through its modules): a fresh connection and one
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bed import Bed, BenchHost, median, run_invoke, ssh_true
-from rebuild import audit, deploy, hostrun
+from rebuild import hostrun
 from rebuild.inventory import load
 from rebuild.remote import Remote
 
@@ -96,9 +96,7 @@ def counting_remote_runs() -> Iterator[list[int]]:
 def rebuild_once(inventory: Path, h: BenchHost) -> Sample:
     loaded = load(str(inventory))
     target = loaded.target(h.name)
-    record = audit.Record(run_id="bench", host=h.name, address=target.address, action="verify",
-                          flake=loaded.flake, attr=target.attr, operator={})  # fmt: skip
-    hr = hostrun.HostRun(target, record, hostrun.endpoint_for(loaded, target), "verify")
+    hr = hostrun.HostRun(target, hostrun.endpoint_for(loaded, target), "verify", "bench")
     expected = h.sim.current_system()
     h.proxy.reset()
     with counting_remote_runs() as runs:
@@ -106,7 +104,7 @@ def rebuild_once(inventory: Path, h: BenchHost) -> Sample:
         hr.connection()
         connected = time.monotonic()
         connect_exchanges = h.proxy.exchanges
-        report = deploy.verify_host(hr, expected, settle_timeout=0)
+        report = hostrun.verify_host(hr, expected, settle_timeout=0)
         end = time.monotonic()
     exchanges = h.proxy.exchanges
     hr.close()

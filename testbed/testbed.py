@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import pwd
+import select
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from testbed import hostbin
 from testbed.netns import (
     Netns,
     cleanup_stale_netns,
@@ -33,6 +35,7 @@ from testbed.proxy import LatencyProxy
 from testbed.sim.dispatch import SHIM_NAMES
 from testbed.sim.host import PROFILE, SIM_ROOT_MARKER, Host, locked_state
 from testbed.sim.nix_env import current_generation, profile_paths
+from testbed.sim.server import socket_path
 from testbed.sim.units import mangle, system_state, unit_view
 from testbed.store import (
     build_system,
@@ -44,6 +47,7 @@ from testbed.store import (
 
 SSHD = Path("/usr/sbin/sshd")
 SSH_READY_TIMEOUT = 15.0
+SERVER_READY_TIMEOUT = 30.0
 HOST_PATH_TAIL = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BASE_CONFIG: dict[str, object] = {"units": {"sshd.service": {}}, "label": "initial"}
 
@@ -219,6 +223,8 @@ class SimHost:
         self.proxy: LatencyProxy | None = None
         self.sshd: subprocess.Popen[bytes] | None = None
         self.sshd_start: int | None = None
+        self.server: subprocess.Popen[bytes] | None = None
+        self._server_ready: int | None = None  # the pipe the simulator reports ready on
         self.address = ""
         self.port = 0
         self.sshd_address = ""
@@ -260,6 +266,8 @@ class SimHost:
         else:
             self.sshd_address = address or "127.0.0.1"
             self.sshd_port = 0
+        # the host's simulator starts while the keys are made and sshd starts
+        self._start_server()
         host_key = self.dir / "ssh_host_ed25519_key"
         _keygen(host_key, f"{self.name}@rebuild-testbed")
         self.host_key_line = " ".join(
@@ -286,6 +294,7 @@ class SimHost:
         }
         (self.root / "sim" / "host.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
         self._start_sshd(host_key, auth)
+        self._wait_server()
         if self.latency_ms > 0:
             listen = self.sshd_address if self.netns is None else "127.0.0.1"
             self.proxy = LatencyProxy(
@@ -294,6 +303,53 @@ class SimHost:
             self.address, self.port = listen, self.proxy.port
         else:
             self.address, self.port = self.sshd_address, self.sshd_port
+
+    def _start_server(self) -> None:
+        """Start the host's simulator (:mod:`testbed.sim.server`), in the host's network
+        namespace (its unit servers listen there); :meth:`_wait_server` waits for it."""
+        tb = self.testbed
+        read_fd, write_fd = os.pipe()
+        argv = [tb.python, "-IS", str(tb.hostbin_dir / "rbtb-sim"), "server"]
+        argv += ["--root", str(self.root), "--ready-fd", str(write_fd)]
+        if self.netns is not None:
+            argv = [*self.netns.exec_prefix(), *argv]
+        env = {"PATH": self.path, "SIM_ROOT": str(self.root), "HOME": str(self.home)}
+        log = self.root / "sim" / "log" / "server.log"
+        try:
+            with log.open("ab") as handle:
+                self.server = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(write_fd,),
+                    env={**env, "LANG": "C.UTF-8"},
+                    cwd="/",
+                )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._server_ready = read_fd
+        PidRegistry(self.root / "sim" / "pids").add(self.server.pid, "simulator")
+
+    def _wait_server(self) -> None:
+        read_fd = self._server_ready
+        if read_fd is None:
+            raise TestbedError(f"the simulator of host {self.name!r} was not started")
+        try:
+            ready, _, _ = select.select([read_fd], [], [], SERVER_READY_TIMEOUT)
+            data = os.read(read_fd, 64) if ready else b""
+        finally:
+            os.close(read_fd)
+            self._server_ready = None
+        if not data.startswith(b"ok") or not socket_path(self.root).exists():
+            log = self.root / "sim" / "log" / "server.log"
+            tail = log.read_text(encoding="utf-8", errors="replace").strip()[-2000:]
+            raise TestbedError(f"the simulator of host {self.name!r} did not start:\n{tail}")
 
     def _start_sshd(self, host_key: Path, auth: Path) -> None:
         if os.geteuid() == 0:
@@ -509,7 +565,14 @@ class SimHost:
         if self._closed:
             return []
         self._closed = True
+        if self._server_ready is not None:
+            os.close(self._server_ready)
+            self._server_ready = None
         problems = PidRegistry(self.root / "sim" / "pids").terminate_all()
+        if self.server is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.server.wait(timeout=3.0)
+            self.server = None
         self._stop_sshd()
         if self.proxy is not None:
             self.proxy.stop()
@@ -572,14 +635,8 @@ class Testbed:
         self.ssh_config.write_text("", encoding="utf-8")
         _keygen(self.client_key, "operator@rebuild-testbed")
         self.client_key.chmod(0o600)
+        self.client_kind = hostbin.install(self.hostbin_dir, self.python, SHIM_NAMES)
         header = script_header(self.python)
-        for name in SHIM_NAMES:
-            _write_script(
-                self.hostbin_dir / name,
-                header
-                + "from testbed.sim.dispatch import main\n"
-                + f"sys.exit(main({name!r}, sys.argv[1:]))\n",
-            )
         store = str(self.store_dir)
         for name, func in (("nix", "nix_main"), ("nixos-rebuild", "nixos_rebuild_main")):
             _write_script(

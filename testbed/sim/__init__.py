@@ -25,6 +25,19 @@ One module per program it imitates:
   ``hostname``, ``rbtb-sim``); :func:`~testbed.sim.activation.stc_main` is a store path's
   ``bin/switch-to-configuration``.
 
-Only the standard library is used, and the dispatcher imports only the module of the program
-called, so shims start quickly under any Python 3.11. This package imports nothing itself.
+How a command reaches that code fast (:mod:`testbed.hostbin` says which name runs what):
+
+- :mod:`~testbed.sim.server`: the host's simulator, one long-lived process per host with these
+  modules imported, which forks a child per command that becomes the caller's process (its
+  argv, environment, credentials, stdio, working directory, signals) and runs
+  :func:`~testbed.sim.dispatch.main`; the helpers that child starts are forks too;
+- ``client.c`` (compiled with the system's cc) or :mod:`~testbed.sim.client` (Python without
+  imports): the command's side, which hands its process over and exits as the command did;
+- ``pathshim.sh`` and ``sudoshim.sh``: the path shims and ``sudo`` of :mod:`~testbed.sim.shims`
+  in POSIX sh.
+
+Each falls back to the Python shim (``hostbin/py/NAME``) when it cannot find its host or the
+simulator. Only the standard library is used, and the dispatcher imports only the module of the
+program called, so even that starts quickly under any Python 3.11. This package imports nothing
+itself.
 """

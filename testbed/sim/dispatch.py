@@ -17,13 +17,17 @@ from testbed.store import SimError
 def internal(argv: Sequence[str]) -> int:
     """``rbtb-sim SUBCOMMAND``: helpers the other shims start."""
     if not argv:
-        print("usage: rbtb-sim run-service|timer|unit-server|find-root ...", file=sys.stderr)
+        print("usage: rbtb-sim run-service|timer|unit-server|server|find-root ...", file=sys.stderr)
         return 2
     sub, rest = argv[0], list(argv[1:])
     if sub == "unit-server":
         from testbed.sim.unit_server import serve
 
         return serve(rest)
+    if sub == "server":
+        from testbed.sim import server
+
+        return server.serve(rest)
     from testbed.sim.host import Host, find_sim_root
 
     if sub == "find-root":

@@ -31,6 +31,7 @@ from typing import Any
 
 from testbed.procs import proc_start_time
 from testbed.sim.host import Host, UsageError, internal_opts, locked_state
+from testbed.sim.server import Helper, spawn_helper
 from testbed.sim.units import timer_refs
 from testbed.store import SimError
 
@@ -331,24 +332,9 @@ def systemd_run(argv: Sequence[str]) -> int:
     return code
 
 
-def _spawn_internal(
-    host: Host, args: list[str], env: dict[str, str], log: Path | None
-) -> subprocess.Popen[bytes]:
-    argv = host.internal_argv(*args)
-    if log is None:  # --pipe / --pty: the service shares systemd-run's stdio
-        return subprocess.Popen(argv, env=env, cwd="/", start_new_session=True, close_fds=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as handle:
-        return subprocess.Popen(
-            argv,
-            env=env,
-            cwd="/",
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-        )
+def _spawn_internal(host: Host, args: list[str], env: dict[str, str], log: Path | None) -> Helper:
+    # log None: --pipe / --pty, the service shares systemd-run's stdio
+    return spawn_helper(host, args, env, log)
 
 
 def _run_service_body(host: Host, service: str, command: list[str], cwd: str, collect: bool) -> int:
