@@ -25,11 +25,13 @@ def server_alive_count(rollback_timeout: int) -> int:
     patience = max(SERVER_ALIVE_MIN_SECONDS, rollback_timeout + 30)
     return -(-patience // SERVER_ALIVE_INTERVAL)
 
+
 Flavour = Literal["ng", "classic"]
 # Without these, nixos-rebuild re-executes the nixos-rebuild of the configuration being
-# deployed (ng: switch/boot/test; classic: every action), so a *new* program would judge the
-# flags and build itself first (nixpkgs issue 425637). Both accept --fast; ng 25.11+ warns and
-# maps it to --no-reexec, which ng has from 25.05 on.
+# deployed for switch, boot and test (both flavours: `canRun` in nixos-rebuild.sh, `can_run` in
+# ng's __init__.py), so a *new* program would judge the flags and build itself first (nixpkgs
+# issue 425637). Both accept --fast; ng 25.11+ warns and maps it to --no-reexec, which ng has
+# from 25.05 on. rebuild passes it for every action: harmless where nothing re-executes.
 NO_REEXEC: dict[Flavour, str] = {"ng": "--no-reexec", "classic": "--fast"}
 # classic knows only --use-remote-sudo (sudo through `ssh -t`); ng has --sudo (and warns about
 # --use-remote-sudo), and --ask-sudo-password to ask once and feed `sudo --stdin`.

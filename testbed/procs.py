@@ -105,7 +105,9 @@ class PidRegistry:
         if start is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{pid}.tmp"
+        # the writer's pid in the name: a process and the one that started it may both
+        # register it at once (systemd-run's wrapper), and one temporary file would race
+        tmp = self.directory / f".{pid}.{os.getpid()}.{time.monotonic_ns()}.tmp"
         tmp.write_text(f"{start} {label}\n", encoding="utf-8")
         tmp.replace(self.directory / str(pid))
 

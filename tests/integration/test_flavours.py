@@ -164,6 +164,7 @@ def test_deploy_matrix(matrix: Matrix, flavour: str, user_kind: str, build: str)
     cfg = config(label, d.web_port)
     d.set_config("vps", cfg)
     before = len(calls(d, flavour))
+    seen_before = len(events(d.tb))
     done = d.invoke("rebuild", "--host", "vps", "--yes", **env)
     matrix.results[label] = done.returncode
     if refused:
@@ -192,6 +193,12 @@ def test_deploy_matrix(matrix: Matrix, flavour: str, user_kind: str, build: str)
         assert done.stdout.count("(answered by rebuild)") >= 1
     record = d.records()[-1]
     assert record["result"] == "ok" and record["command"][0] == str(recording(d.tb, flavour)[0])
+    # every ssh nixos-rebuild (and its nix) started read rebuild's ssh config: NIX_SSHOPTS
+    ssh_runs = [e["argv"] for e in events(d.tb)[seen_before:] if e["event"] == "ssh"]
+    assert ssh_runs
+    for argv in ssh_runs:
+        config_file = argv[argv.index("-F") + 1]
+        assert Path(config_file).name == "ssh_config.vps", argv
 
 
 # --- beyond a plain deploy ---------------------------------------------------------------
