@@ -40,6 +40,7 @@ from testbed.standins import (
     _build_one,
     _installable,
     _link_result,
+    counted_evaluate,
     evaluate,
     note_event,
     run_ssh,
@@ -301,7 +302,8 @@ class Classic:
         note_event(event="nix", argv=argv)
         dry = "--dry-run" in flags
         try:
-            result = evaluate(_installable(installable), self.store, _overrides(flags))
+            result = counted_evaluate("nixos-rebuild-classic", "build", installable,
+                                      self.store, _overrides(flags))  # fmt: skip
             out = _build_one(result, self.store, dry_run=dry)
         except SimError as exc:
             log(f"error: {exc}")
@@ -339,7 +341,8 @@ class Classic:
         note_event(event="nix", argv=argv)
         overrides = _overrides(eval_args)
         try:
-            result = evaluate(_installable(attr), self.store, overrides)
+            result = counted_evaluate("nixos-rebuild-classic", "eval", attr, self.store,
+                                      overrides, shown=f"{attr}.drvPath")  # fmt: skip
             drv = str(evaluate(_installable(f"{attr}.drvPath"), self.store, overrides).value)
             if not result.config.get("build_fail"):
                 _build_one(result, self.store, dry_run=False)  # one shared store (README)
@@ -421,7 +424,9 @@ class Classic:
             elif o.action == "build-image":
                 images = f"{flake}#{flake_attr}.config.system.build.images"
                 try:
-                    variants = list(evaluate(_installable(images), self.store).value)
+                    variants = list(
+                        counted_evaluate("nixos-rebuild-classic", "eval", images, self.store).value
+                    )
                 except SimError as exc:
                     log(f"error: {exc}")
                     raise Exit(1) from None
@@ -431,7 +436,9 @@ class Classic:
                     print("\n".join(sorted(variants)), flush=True)
                     raise Exit(1)
                 file_path = f"{images}.{o.image_variant}.passthru.filePath"
-                image_name = str(evaluate(_installable(file_path), self.store).value)
+                image_name = str(
+                    counted_evaluate("nixos-rebuild-classic", "eval", file_path, self.store).value
+                )
                 path = self.nix_flake_build(f"{images}.{o.image_variant}", flags)
             else:
                 raise show_syntax()

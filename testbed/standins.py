@@ -31,6 +31,7 @@ from testbed.store import (
     SimError,
     build_image,
     build_system,
+    canonical_json,
     image_drv_path,
     image_file_name,
     image_store_path,
@@ -426,6 +427,20 @@ def _build_one(result: Evaluated, store: Path, dry_run: bool) -> str:
     return build_image(store, result.attr, result.config, result.variant)
 
 
+def _drv_of(result: Evaluated, store: Path) -> str:
+    """The derivation of a system or image, instantiated as evaluating it does."""
+    if result.kind == "image":
+        drv = image_drv_path(store, result.attr, result.config, result.variant)
+        out = image_store_path(store, result.attr, result.config, result.variant)
+    elif result.kind == "system":
+        drv = system_drv_path(store, result.attr, result.config)
+        out = system_store_path(store, result.attr, result.config)
+    else:
+        raise SimError("expected a derivation")
+    write_drv(store, drv, out, result.attr, result.config)
+    return drv
+
+
 def _ask_terminal(prompt: str, record: object) -> None:
     """Print `prompt` on /dev/tty and wait (bounded) for a line, like a credential prompt that
     the environment cannot silence (libgit2 and ssh ignore GIT_TERMINAL_PROMPT). JSON lines go
@@ -497,19 +512,20 @@ def nix_main(argv: Sequence[str], default_store: str) -> int:
         if command == "eval":
             if len(args.positional) != 2:
                 raise NixUsage("'nix eval' requires exactly one installable")
-            result = evaluate(_installable(args.positional[1]), store, overrides)
+            result = counted_evaluate("nix", "eval", args.positional[1], store, overrides)
             _print_value(result, args, store)
             return 0
         if command == "build":
             if len(args.positional) < 2:
                 raise NixUsage("'nix build' requires at least one installable")
-            outs = [
-                _build_one(
-                    evaluate(_installable(t), store, overrides), store, "--dry-run" in args.flags
-                )
-                for t in args.positional[1:]
-            ]
+            results = [counted_evaluate("nix", "build", t, store, overrides)
+                       for t in args.positional[1:]]  # fmt: skip
+            outs = [_build_one(r, store, "--dry-run" in args.flags) for r in results]
             if "--dry-run" in args.flags:
+                if "--json" in args.flags:  # src/nix/build.cc: the derived paths, with the
+                    # out paths of input-addressed derivations (src/libstore/derived-path.cc)
+                    print(json.dumps([{"drvPath": _drv_of(r, store), "outputs": {"out": out}}
+                                      for r, out in zip(results, outs, strict=True)]))  # fmt: skip
                 return 0
             if "--no-link" not in args.flags:
                 base = args.value("--out-link") or args.value("-o") or "result"
@@ -631,6 +647,87 @@ def note_event(**entry: Any) -> None:
     entry.setdefault("pid", os.getpid())
     with contextlib.suppress(OSError), Path(root, EVENTS_FILE).open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry) + "\n")
+
+
+# --- evaluations and Nix's flake evaluation cache ------------------------------------------
+#
+# Every full evaluation (of a NixOS configuration: an attribute below nixosConfigurations.NAME,
+# or an image package) is a JSON line in $RBTB_ROOT/evaluations.jsonl: program (nix,
+# nixos-rebuild-ng, nixos-rebuild-classic), command (eval, build), flake (its URL and locked
+# revision), attr, cached. The cache is Nix's (NixOS/nix src/libexpr/eval-cache.cc, keyed by
+# the locked flake's fingerprint, so only for a clean git tree, and by attribute path):
+# - `nix build X` looks up what src/libcmd/installable-flake.cc `toDerivedPaths` reads of X
+#   (type, drvPath, outputSpecified, meta): a second `nix build X` of the same locked flake
+#   (`nixos-rebuild`'s build after rebuild's own) is answered from the cache, `cached: true`,
+#   and is not an evaluation;
+# - `nix eval X` is always a full evaluation (src/nix/eval.cc: `toValue` calls `forceValue`,
+#   which never reads the cache) and caches only X's own string, which no build reads: after
+#   `nix eval ...toplevel.outPath`, a `nix build ...toplevel` evaluates again.
+EVALUATIONS_FILE = "evaluations.jsonl"
+EVAL_CACHE_FILE = "eval-cache.jsonl"
+
+
+def _fingerprint(flake: Flake, overrides: Sequence[tuple[str, str]]) -> str | None:
+    """The locked flake's fingerprint, or None when Nix would not cache (a dirty tree, a
+    flake that is not a git repository)."""
+    if flake.git_root is None:
+        return None
+    if flake.rev is not None:
+        rev = flake.rev
+    else:
+        if flake.dirty():
+            return None
+        try:
+            rev = flake._git("rev-parse", "HEAD").strip()
+        except SimError:
+            return None
+    return canonical_json([str(flake.directory), rev, sorted(overrides)])
+
+
+def _flake_cache(root: str) -> set[str]:
+    try:
+        lines = Path(root, EVAL_CACHE_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return set()
+    return set(lines)
+
+
+def counted_evaluate(program: str, command: str, installable: str, store: Path,
+                     overrides: Sequence[tuple[str, str]] = (), *,
+                     shown: str | None = None) -> Evaluated:  # fmt: skip
+    """:func:`evaluate` as the ``nix COMMAND`` of ``program`` does it, noting a full
+    evaluation (or the cache hit that spared it) in ``$RBTB_ROOT/evaluations.jsonl``.
+    ``shown``: the installable as the command line names it, when it is not the one
+    evaluated here (``nix eval X.drvPath``)."""
+    target = _installable(installable)
+    path = split_attr_path((shown or installable).partition("#")[2])
+    full = (len(path) > 2 and path[0] == "nixosConfigurations") or (
+        len(path) == 3 and path[0] == "packages" and path[2].endswith("-image")
+    )
+    root = os.environ.get("RBTB_ROOT")
+    if not full or not root:
+        return evaluate(target, store, overrides)
+    fingerprint = _fingerprint(target.flake, overrides)
+    key = canonical_json([fingerprint, path]) if fingerprint is not None else None
+    cached = command == "build" and key is not None and key in _flake_cache(root)
+    entry: dict[str, Any] = {
+        "program": program, "command": command, "flake": target.flake.url,
+        "rev": json.loads(fingerprint)[1] if fingerprint else None,
+        "dirty": fingerprint is None and target.flake.git_root is not None,
+        "attr": ".".join(path), "cached": cached, "pid": os.getpid(),
+    }  # fmt: skip
+    try:
+        result = evaluate(target, store, overrides)
+    except SimError as exc:
+        entry["error"] = str(exc).splitlines()[0]
+        raise
+    finally:
+        with contextlib.suppress(OSError), Path(root, EVALUATIONS_FILE).open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+    if command == "build" and key is not None and not cached:
+        with contextlib.suppress(OSError), Path(root, EVAL_CACHE_FILE).open("a") as fh:
+            fh.write(key + "\n")
+    return result
 
 
 def package_flavour(config: dict[str, Any]) -> str:
@@ -1032,7 +1129,8 @@ def _ng_build(installable: str, store: Path, overrides: Sequence[tuple[str, str]
     cmd += ["--dry-run"] if dry_run else []
     note_event(event="nix", argv=cmd)
     try:
-        out = _build_one(evaluate(_installable(installable), store, overrides), store, dry_run)
+        result = counted_evaluate("nixos-rebuild-ng", "build", installable, store, overrides)
+        out = _build_one(result, store, dry_run)
     except SimError as exc:
         _err(f"error: {exc}")
         raise CommandFailed(1, cmd) from None
@@ -1099,8 +1197,9 @@ def _ng_execute(args: argparse.Namespace, argv: list[str], store: Path, program:
 
 
 def _ng_image_attr(flake: tuple[str, str], variant: str | None, store: Path) -> str:
-    variants = evaluate(_installable(flake_installable(*flake, "config.system.build.images")),
-                        store).value  # fmt: skip
+    variants = counted_evaluate("nixos-rebuild-ng", "eval",
+                                flake_installable(*flake, "config.system.build.images"),
+                                store).value  # fmt: skip
     if variant not in variants:
         raise RebuildFailed(
             "please specify one of the following supported image variants via "
@@ -1158,7 +1257,8 @@ def _ng_build_remote(installable: str, store: Path, overrides: Sequence[tuple[st
     cmd = ["nix", *FLAKE_FLAGS, "eval", "--raw", f"{installable}.drvPath", *flags]
     note_event(event="nix", argv=cmd)
     try:
-        result = evaluate(_installable(installable), store, overrides)
+        result = counted_evaluate("nixos-rebuild-ng", "eval", installable, store, overrides,
+                                  shown=f"{installable}.drvPath")  # fmt: skip
         drv = evaluate(_installable(f"{installable}.drvPath"), store, overrides).value
         if not result.config.get("build_fail"):
             # one shared store: what the build host "builds" is made here (see README)
@@ -1234,7 +1334,7 @@ def _ng_activate(path: str, action: str, args: argparse.Namespace, target: Remot
     elif action == "build":
         _print_result("Done. The new configuration is", path)
     elif action == "build-image" and flake is not None:
-        name = evaluate(_installable(flake_installable(
-            *flake, f"config.system.build.images.{args.image_variant}.passthru.filePath")),
+        name = counted_evaluate("nixos-rebuild-ng", "eval", flake_installable(
+            *flake, f"config.system.build.images.{args.image_variant}.passthru.filePath"),
             store).value  # fmt: skip
         _print_result("Done. The disk image can be found in", f"{path}/{name}")

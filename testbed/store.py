@@ -103,10 +103,13 @@ def _make_read_only(path: Path) -> None:
         base = Path(dirpath)
         for name in filenames:
             p = base / name
+            if p.is_symlink():  # a link into another store path: its target is not ours
+                continue
             mode = p.stat().st_mode
             p.chmod(0o555 if mode & stat.S_IXUSR else 0o444)
         for name in dirnames:
-            (base / name).chmod(0o555)
+            if not (base / name).is_symlink():
+                (base / name).chmod(0o555)
     path.chmod(0o555)
 
 
@@ -151,14 +154,169 @@ def _install(store_dir: Path, final: Path, fill: Any) -> None:
         remove_tree(tmp)
 
 
+# --------------------------------------------------------------------------- closures
+#
+# A system's closure, so that the host's `nix store diff-closures` and `nix path-info -S` have
+# something real to read (testbed/README.md, "The simulated systems"):
+# - `packages` of the configuration ({"openssl": "3.0.13"}): one store path per package,
+#   `<hash>-openssl-3.0.13`, the same for every system that has that version;
+# - the boot files, as a NixOS toplevel links them: `kernel` -> `<hash>-linux-V/bzImage`,
+#   `initrd` -> `<hash>-initrd-linux-V/initrd`, `kernel-modules` -> `<hash>-kernel-modules`
+#   (which refers to `<hash>-linux-V-modules`); V is the configuration's `kernel` (default
+#   DEFAULT_KERNEL), and the configuration's `initrd` / `kernel_modules` values (anything)
+#   change only the initrd / the modules.
+# Sizes: a package's (and the kernel's and its modules') NAR size is made up from its name and
+# version (between 64 KiB and 8 MiB), written in its `nix-support/nar-size`; every other path's
+# is the size of its files. The
+# references are what Nix's database would hold: the toplevel refers to all of these.
+
+DEFAULT_KERNEL = "6.6.63"
+BOOT_LINKS = ("kernel", "initrd", "kernel-modules")
+NAR_SIZE_FILE = "nix-support/nar-size"
+
+
+def package_path(store_dir: Path | str, name: str, version: str) -> str:
+    full = f"{name}-{version}" if version else name
+    return f"{store_dir}/{_hash32('package', full)}-{full}"
+
+
+def _packages(config: Mapping[str, Any]) -> dict[str, str]:
+    packages = config.get("packages") or {}
+    if not isinstance(packages, Mapping):
+        raise SimError("packages must be an object of name: version")
+    return {str(name): str(version) for name, version in packages.items()}
+
+
+def package_nar_size(name: str, version: str) -> int:
+    """A made-up but stable NAR size (a multiple of 8, as NAR sizes are)."""
+    digest = hashlib.sha256(f"{name}-{version}".encode()).digest()
+    return (64 * 1024 + int.from_bytes(digest[:4], "big") % (8 * 1024 * 1024 - 64 * 1024)) // 8 * 8
+
+
+def boot_paths(store_dir: Path | str, config: Mapping[str, Any]) -> dict[str, str]:
+    """The store paths of the boot files: linux, linux-modules, initrd, kernel-modules."""
+    kernel = str(config.get("kernel") or DEFAULT_KERNEL)
+    initrd = canonical_json(config.get("initrd"))
+    modules = canonical_json(config.get("kernel_modules"))
+    return {
+        "linux": f"{store_dir}/{_hash32('linux', kernel)}-linux-{kernel}",
+        "linux-modules": f"{store_dir}/{_hash32('linux-modules', kernel)}-linux-{kernel}-modules",
+        "initrd": f"{store_dir}/{_hash32('initrd', kernel, initrd)}-initrd-linux-{kernel}",
+        "kernel-modules": f"{store_dir}/{_hash32('kernel-modules', kernel, modules)}"
+        "-kernel-modules",
+    }
+
+
+def system_references(store_dir: Path | str, config: Mapping[str, Any]) -> list[str]:
+    """The store paths a system toplevel refers to (besides itself)."""
+    refs = [package_path(store_dir, n, v) for n, v in _packages(config).items()]
+    return sorted({*refs, *boot_paths(store_dir, config).values()})
+
+
+def _build_closure(store_dir: Path, config: Mapping[str, Any]) -> dict[str, str]:
+    """Make the packages and boot files of a system; the toplevel's boot links' targets."""
+    kernel = str(config.get("kernel") or DEFAULT_KERNEL)
+    for name, version in _packages(config).items():
+
+        def fill_package(tmp: Path, name: str = name, version: str = version) -> None:
+            (tmp / "nix-support").mkdir()
+            (tmp / NAR_SIZE_FILE).write_text(f"{package_nar_size(name, version)}\n")
+            (tmp / "share").mkdir()
+            (tmp / "share" / f"{name}.txt").write_text(f"{name} {version}\n", encoding="utf-8")
+
+        _install(store_dir, Path(package_path(store_dir, name, version)), fill_package)
+    paths = boot_paths(store_dir, config)
+
+    def fill_linux(tmp: Path) -> None:
+        (tmp / "bzImage").write_text(f"Linux {kernel}\n", encoding="utf-8")
+        (tmp / "nix-support").mkdir()
+        (tmp / NAR_SIZE_FILE).write_text(f"{package_nar_size('linux', kernel)}\n")
+
+    def fill_linux_modules(tmp: Path) -> None:
+        (tmp / "nix-support").mkdir()
+        (tmp / NAR_SIZE_FILE).write_text(f"{package_nar_size('linux-modules', kernel)}\n")
+        (tmp / "lib" / "modules" / kernel).mkdir(parents=True)
+        (tmp / "lib" / "modules" / kernel / "modules.dep").write_text("", encoding="utf-8")
+
+    def fill_initrd(tmp: Path) -> None:
+        (tmp / "initrd").write_text(
+            f"initrd for Linux {kernel} {canonical_json(config.get('initrd'))}\n",
+            encoding="utf-8",
+        )
+
+    def fill_kernel_modules(tmp: Path) -> None:
+        (tmp / "lib").symlink_to(f"{paths['linux-modules']}/lib")
+        (tmp / "modules.json").write_text(
+            canonical_json(config.get("kernel_modules")) + "\n", encoding="utf-8"
+        )
+
+    _install(store_dir, Path(paths["linux"]), fill_linux)
+    _install(store_dir, Path(paths["linux-modules"]), fill_linux_modules)
+    _install(store_dir, Path(paths["initrd"]), fill_initrd)
+    _install(store_dir, Path(paths["kernel-modules"]), fill_kernel_modules)
+    return {
+        "kernel": f"{paths['linux']}/bzImage",
+        "initrd": f"{paths['initrd']}/initrd",
+        "kernel-modules": paths["kernel-modules"],
+    }
+
+
+def nar_size(path: Path) -> int:
+    """The NAR size the host's Nix reports for a path of the test bed's store."""
+    declared = path / NAR_SIZE_FILE
+    if declared.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            return int(declared.read_text(encoding="utf-8").strip())
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [*dirnames, *filenames]:
+            entry = Path(dirpath) / name
+            info = entry.lstat()
+            total += 120 + len(name)  # a NAR entry's framing
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+            elif stat.S_ISLNK(info.st_mode):
+                total += len(str(entry.readlink()))
+    return (total + 7) // 8 * 8
+
+
+def references(path: Path) -> list[str]:
+    """What Nix's database would list as the references of a path of the test bed's store."""
+    sim = path / SIM_JSON
+    if sim.is_file():
+        _attr, config = load_system(path)
+        return system_references(path.parent, config)
+    lib = path / "lib"
+    if path.name.endswith("-kernel-modules") and lib.is_symlink():
+        return [str(lib.readlink().parent)]
+    return []
+
+
+def closure(path: Path) -> list[Path]:
+    """The path and everything it refers to, recursively (Nix's computeFSClosure)."""
+    seen: dict[str, Path] = {}
+    todo = [path]
+    while todo:
+        item = todo.pop()
+        if str(item) in seen:
+            continue
+        seen[str(item)] = item
+        todo.extend(Path(ref) for ref in references(item))
+    return [seen[key] for key in sorted(seen)]
+
+
 def build_system(
     store_dir: Path, attr: str, config: Mapping[str, Any], python: str | None = None
 ) -> str:
-    """Materialise the system store path for ``attr``/``config`` (idempotent)."""
+    """Materialise the system store path for ``attr``/``config`` (idempotent), with its
+    packages and boot files."""
     out = Path(system_store_path(store_dir, attr, config))
     interpreter = python or sys.executable
+    boot = _build_closure(store_dir, config)
 
     def fill(tmp: Path) -> None:
+        for link, target in boot.items():
+            (tmp / link).symlink_to(target)
         (tmp / "bin").mkdir()
         stc = tmp / "bin" / "switch-to-configuration"
         stc.write_text(

@@ -33,8 +33,9 @@ from testbed.netns import (
 from testbed.procs import PidRegistry, children_of, is_alive, proc_start_time, terminate
 from testbed.proxy import LatencyProxy
 from testbed.sim.dispatch import SHIM_NAMES
-from testbed.sim.host import PROFILE, SIM_ROOT_MARKER, Host, locked_state
+from testbed.sim.host import BOOT_ID, PROFILE, SIM_ROOT_MARKER, Host, locked_state
 from testbed.sim.nix_env import current_generation, profile_paths
+from testbed.sim.reboot import write_boot_id
 from testbed.sim.server import socket_path
 from testbed.sim.units import mangle, system_state, unit_view
 from testbed.store import (
@@ -230,6 +231,12 @@ class SimHost:
         self.sshd_address = ""
         self.sshd_port = 0
         self.host_key_line = ""
+        # NixOS trusts root; a deploy user is added as `nix.settings.trusted-users` would add it:
+        # the test bed's own user, and on a test bed whose hosts log in other users, all of
+        # them (`*`, the `@wheel` of a real set-up); `set_trusted_users` for a test's own
+        self.trusted_users = ["root"] + [self.user] * (self.user != "root")
+        if testbed.other_users:
+            self.trusted_users.append("*")
         self._closed = False
         try:
             self._setup(netns, address)
@@ -291,8 +298,12 @@ class SimHost:
             "entry": str(tb.hostbin_dir / "rbtb-sim"),
             "store": str(tb.store_dir),
             "hostbin": str(tb.hostbin_dir),
+            # the host's nix.settings.trusted-users (`nix config show trusted-users`)
+            "trusted_users": " ".join(self.trusted_users),
+            "sshd_owner": str(self.dir / "sshd.owner"),  # a reboot drops its sessions
         }
         (self.root / "sim" / "host.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+        write_boot_id(self.root)
         self._start_sshd(host_key, auth)
         self._wait_server()
         if self.latency_ms > 0:
@@ -516,6 +527,40 @@ class SimHost:
             env=self.local_env(),
             cwd="/",
         )
+
+    def booted_system(self) -> str | None:
+        """What the host booted (``/run/booted-system``)."""
+        link = self.root / "run" / "booted-system"
+        return str(link.resolve()) if link.exists() else None
+
+    def boot_id(self) -> str:
+        """The host's ``/proc/sys/kernel/random/boot_id`` (new at every reboot)."""
+        return Path(f"{self.root}{BOOT_ID}").read_text(encoding="utf-8").strip()
+
+    def boots(self) -> list[dict[str, Any]]:
+        """The host's reboots so far (``sim/log/boots.jsonl``)."""
+        log = self.root / "sim" / "log" / "boots.jsonl"
+        if not log.exists():
+            return []
+        return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+
+    def hang_on_reboot(self, hang: bool = True) -> None:
+        """From now on a reboot of this host does not come back: its sshd stops listening and
+        nothing starts (a host stuck in its boot)."""
+        flag = self.root / "sim" / "hang-on-reboot"
+        if hang:
+            flag.write_text("", encoding="utf-8")
+        else:
+            flag.unlink(missing_ok=True)
+
+    def set_trusted_users(self, users: list[str]) -> None:
+        """The host's ``nix.settings.trusted-users`` (what ``nix config show trusted-users``
+        prints), e.g. ``["root"]`` for NixOS's default."""
+        self.trusted_users = list(users)
+        info_path = self.root / "sim" / "host.json"
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info["trusted_users"] = " ".join(self.trusted_users)
+        info_path.write_text(json.dumps(info, indent=1), encoding="utf-8")
 
     def activate(self, store_path: str) -> None:
         """Put the host on a system directly (profile + switch-to-configuration switch).

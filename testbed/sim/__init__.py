@@ -13,10 +13,13 @@ One module per program it imitates:
 - :mod:`~testbed.sim.unit_server`: the process behind a configuration's unit with a port;
 - :mod:`~testbed.sim.activation`: nixpkgs' ``switch-to-configuration``;
 - :mod:`~testbed.sim.systemctl`: systemd's ``systemctl``;
+- :mod:`~testbed.sim.reboot`: ``systemctl reboot``, a host rebooting into its boot default;
 - :mod:`~testbed.sim.systemd_run`: systemd's ``systemd-run`` and the transient services and
   timers the manager then runs;
 - :mod:`~testbed.sim.nix_env`: Nix's ``nix-env`` on profiles;
 - :mod:`~testbed.sim.nix_store`: Nix's ``nix-store`` (validity checks);
+- :mod:`~testbed.sim.nix_cmd`, :mod:`~testbed.sim.nix_query`: Nix's ``nix`` on the host
+  (``build`` of a derivation; ``store diff-closures``, ``path-info``, ``config show``);
 - :mod:`~testbed.sim.shims`: ``sudo``, ``hostname`` and the path-mapping ``readlink``/``mkdir``/
   ``rm``/``rmdir``/``cat``/``tee``/``ls``;
 - :mod:`~testbed.sim.dispatch`: :func:`~testbed.sim.dispatch.main`, the entry point of every

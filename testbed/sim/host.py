@@ -27,6 +27,10 @@ from testbed.procs import PidRegistry, proc_parent
 from testbed.store import SimError
 
 MAPPED_PREFIXES = ("/run", "/nix/var", "/var/lib")  # /var/lib: rebuild's deployments.jsonl
+# the kernel's boot id (proc(5)): new at every boot, which is how rebuild tells that a host
+# rebooted; the host's is $SIM_ROOT/proc/..., written when the host starts and when it reboots
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+MAPPED_FILES = (BOOT_ID,)
 SIM_ROOT_MARKER = ".sim-root"
 PROFILE = "/nix/var/nix/profiles/system"
 
@@ -123,6 +127,8 @@ class Host:
 
 def map_arg(arg: str, root: Path) -> str:
     """Rewrite a host path under /run or /nix/var into the host's state directory."""
+    if arg in MAPPED_FILES:
+        return f"{root}{arg}"
     for prefix in MAPPED_PREFIXES:
         if arg == prefix or arg.startswith(prefix + "/"):
             return f"{root}{arg}"
@@ -136,7 +142,7 @@ def map_arg(arg: str, root: Path) -> str:
 
 def unmap_text(text: str, root: Path) -> str:
     """Show host paths as the host would: ``$SIM_ROOT/run/x`` -> ``/run/x``."""
-    return re.sub(re.escape(str(root)) + r"(?=/run\b|/nix/var\b|/var/lib\b)", "", text)
+    return re.sub(re.escape(str(root)) + r"(?=/run\b|/nix/var\b|/var/lib\b|/proc/sys/)", "", text)
 
 
 # --------------------------------------------------------------------------- state

@@ -16,9 +16,9 @@ The store is the test bed's shared one: a derivation file (written by the operat
 ``nix eval ...drvPath``, :mod:`testbed.standins`) is JSON naming its out path; the operator-side
 stand-in has made that path already (one store, so "building" here is answering with it), or
 the derivation says the build fails (``build_fail``), which fails here with Nix's message.
-``nix`` knows only ``build`` (and ``--version``): anything else is Nix's "not a recognised
-command" error, so rebuild's host scripts that ask ``nix config show`` behave as when Nix does
-not answer.
+Besides ``build`` (and ``--version``), the host's ``nix`` answers what rebuild's preview and
+lock step ask (:mod:`testbed.sim.nix_query`): ``store diff-closures``, ``path-info``, ``config
+show`` and ``show-config``; anything else is Nix's "not a recognised command" error.
 """
 
 from __future__ import annotations
@@ -62,7 +62,12 @@ def realise(drv: str) -> str:
 
 
 def nix(argv: Sequence[str]) -> int:
-    """``nix [flags] build DRV^*... [--print-out-paths]``."""
+    """``nix [flags] build DRV^*... [--print-out-paths]``; the queries of
+    :mod:`testbed.sim.nix_query`."""
+    from testbed.sim import nix_query
+
+    if nix_query.handles(argv):
+        return nix_query.nix_query(argv)
     from testbed.standins import NixUsage, parse_nix_args
 
     try:

@@ -6,9 +6,10 @@ systemd prints them, org.freedesktop.systemd1(5)), ``list-units``/``list-timers`
 ``--type``, ``--all``, ``--failed``, ``--plain``, ``--no-legend``), ``status``, ``start``/
 ``restart``/``try-restart``/``reload-or-restart`` of a configuration's units, ``stop``/``kill``
 (a transient timer: cancelled, as ``systemctl stop NAME.timer`` cancels rebuild's dead-man
-timer), ``reset-failed``, ``daemon-reload``. Exit codes follow systemctl(1) and the LSB codes it
-uses for ``is-active``/``status`` (3: not active, 4: no such unit, 5: not loaded). Options it
-does not simulate (``--user``, ``--host``, ...) are refused rather than ignored.
+timer), ``reset-failed``, ``daemon-reload``, ``reboot`` (:mod:`testbed.sim.reboot`). Exit codes
+follow systemctl(1) and the LSB codes it uses for ``is-active``/``status`` (3: not active, 4: no
+such unit, 5: not loaded). Options it does not simulate (``--user``, ``--host``, ...) are refused
+rather than ignored.
 """
 
 from __future__ import annotations
@@ -153,6 +154,10 @@ def systemctl(argv: Sequence[str]) -> int:
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if verb == "reboot":
+        from testbed.sim.reboot import systemctl_reboot
+
+        return systemctl_reboot(host)
     readonly = verb in (
         "show",
         "is-active",
