@@ -187,10 +187,18 @@ def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> Non
     if not opts.rollback_generation:
         evaluated = [hr for hr in runs if not previews(hr, opts)]  # the others build ahead
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-            paths = list(pool.map(lambda h: expected_system(loaded, h.target, run.flake),
-                                  evaluated))  # fmt: skip
+            paths = list(pool.map(lambda h: expected_for(loaded, h, run.flake), evaluated))
         for hr, path in zip(evaluated, paths, strict=True):
             hr.expected = path
+
+
+def expected_for(loaded: Loaded, hr: HostRun, flake: str) -> str:
+    """What a host not previewed must end on, evaluated so that nixos-rebuild's own build of
+    it is answered by Nix's evaluation cache when it builds here (`prebuild.expected_unbuilt`:
+    one evaluation for the whole deploy)."""
+    if prebuild.builds_here(hr):
+        return prebuild.expected_unbuilt(loaded, hr, flake)
+    return expected_system(loaded, hr.target, flake)
 
 
 def tool_info(program: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Sequence
@@ -181,6 +182,27 @@ def nix_build_system_argv(nix: str, flake: str, attr: str, extra: Sequence[str] 
     attribute is then answered by Nix's evaluation cache and the store."""
     target = f"{flake}#nixosConfigurations.{attr}.config.system.build.toplevel"
     return [nix, *EXPERIMENTAL, "build", "--no-link", "--print-out-paths", *extra, target]
+
+
+def nix_dry_build_argv(nix: str, flake: str, attr: str, extra: Sequence[str] = ()) -> list[str]:
+    """`nix build --dry-run --json` of the host's system: evaluated as a build evaluates it,
+    nothing built; the JSON names the out path (`parse_dry_build`)."""
+    target = f"{flake}#nixosConfigurations.{attr}.config.system.build.toplevel"
+    return [nix, *EXPERIMENTAL, "build", "--dry-run", "--json", "--no-link", *extra, target]
+
+
+def parse_dry_build(text: str) -> str | None:
+    """The out path in `nix build --dry-run --json`'s answer (`[{"drvPath": ..., "outputs":
+    {"out": PATH}}]`, NixOS/nix src/libstore/derived-path.cc); None when it names none."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], dict):
+        return None
+    outputs = data[0].get("outputs")
+    out = outputs.get("out") if isinstance(outputs, dict) else None
+    return out if isinstance(out, str) and out.startswith("/") else None
 
 
 def nix_copy_argv(nix: str, destination: str, path: str, *, substitute: bool) -> list[str]:

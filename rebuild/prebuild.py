@@ -12,7 +12,7 @@ import time
 from rebuild import nixos, preview, process
 from rebuild.console import Console
 from rebuild.errors import BuildFailed, Declined, RebuildError
-from rebuild.hostrun import HostRun, child_env
+from rebuild.hostrun import NIX_EVAL_TIMEOUT, HostRun, child_env, expected_system
 from rebuild.inventory import Loaded
 
 BUILD_TIMEOUT = 3600
@@ -24,6 +24,28 @@ PREVIEWED = ("switch", "test", "boot", "dry-activate")
 def wanted(hr: HostRun) -> bool:
     """The preview needs the system built here (not on the host or a builder)."""
     return hr.action in PREVIEWED and hr.target.settings.build_host == ""
+
+
+def builds_here(hr: HostRun) -> bool:
+    """nixos-rebuild will build the host's toplevel on this machine (`nix build`)."""
+    return hr.action in (*PREVIEWED, "build") and hr.target.settings.build_host == ""
+
+
+def expected_unbuilt(loaded: Loaded, hr: HostRun, flake: str) -> str:
+    """Without the preview, the store path the deploy must end on, building nothing:
+    `nix build --dry-run --json` evaluates the toplevel as nixos-rebuild's own `nix build`
+    will (src/libcmd/installable-flake.cc `toDerivedPaths`), so Nix's evaluation cache answers
+    that build and the deploy costs one evaluation; its JSON names the out path of an
+    input-addressed derivation (src/libstore/derived-path.cc). `nix eval ...outPath` would cost
+    a second one: `nix eval` always evaluates (src/nix/eval.cc, `forceValue`) and caches only
+    the string it printed, which no build reads (src/libexpr/eval-cache.cc). A Nix whose answer
+    has no out path gets the `nix eval`."""
+    extra = nixos.evaluation_args(hr.target.settings.extra_args)
+    argv = nixos.nix_dry_build_argv(loaded.nix_program, flake, hr.target.attr, extra)
+    done = process.run(argv, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+                       timeout=NIX_EVAL_TIMEOUT)  # fmt: skip
+    path = nixos.parse_dry_build(done.stdout) if done.ok else None
+    return path if path is not None else expected_system(loaded, hr.target, flake)
 
 
 Ran = tuple[process.Completed, list[str]]

@@ -29,7 +29,9 @@ BOOT_LINKS = ("kernel", "initrd", "kernel-modules")
 EXPERIMENTAL = "--extra-experimental-features nix-command"
 DRY_ACTIVATE_TIMEOUT = 120
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_SIZE = re.compile(r"^([+-]\d+(?:\.\d+)?) KiB$")
+# `%+.1f KiB` (Nix 2.28 and before), or renderSize's `12.3 KiB`, `-1.2 MiB` (later Nix:
+# src/libutil/util.cc, no plus sign, the unit scaled)
+_SIZE = re.compile(r"^([+-]?\d+(?:\.\d+)?) [KMGTPEZY]iB$")
 
 
 @dataclass(frozen=True)

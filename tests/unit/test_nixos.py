@@ -17,10 +17,12 @@ from rebuild.nixos import (
     flake_metadata_argv,
     locked_flake_ref,
     nix_build_argv,
+    nix_dry_build_argv,
     nix_eval_argv,
     nix_sshopts,
     nixos_rebuild_argv,
     parse_build_host,
+    parse_dry_build,
     render,
     ssh_config_text,
 )
@@ -58,6 +60,31 @@ class TestNixEval:
             "nix", "--extra-experimental-features", "nix-command flakes",
             "build", "--print-out-paths", "--no-link", "/srv/infra#images.vps",
         ]  # fmt: skip
+
+
+class TestDryBuild:
+    TOP = "/srv/infra#nixosConfigurations.vps.config.system.build.toplevel"
+
+    def test_argv(self) -> None:
+        """Without the preview: evaluated as nixos-rebuild's build will be, nothing built."""
+        assert nix_dry_build_argv("nix", FLAKE, "vps", ["--impure"]) == [
+            "nix", "--extra-experimental-features", "nix-command flakes",
+            "build", "--dry-run", "--json", "--no-link", "--impure", self.TOP,
+        ]  # fmt: skip
+
+    def test_the_out_path(self) -> None:
+        """Nix's derived path JSON (src/libstore/derived-path.cc) names the out path."""
+        answer = '[{"drvPath":"/nix/store/a-x.drv","outputs":{"out":"/nix/store/b-x"}}]'
+        assert parse_dry_build(answer) == "/nix/store/b-x"
+
+    @pytest.mark.parametrize(
+        "answer",
+        ["", "not json", "[]", '[{"drvPath": "/nix/store/a-x.drv", "outputs": ["out"]}]',
+         '[{"drvPath": "/nix/store/a-x.drv", "outputs": {"out": null}}]', "{}"],
+    )  # fmt: skip
+    def test_no_out_path_is_none(self, answer: str) -> None:
+        """Anything else (an older Nix, a content-addressed output): None, so `nix eval`."""
+        assert parse_dry_build(answer) is None
 
 
 T = "rebuild-vps"  # the ssh alias nixos-rebuild is given for the host

@@ -50,6 +50,14 @@ class TestDiffClosures:
         )
         assert added == ("htop 3.3.0",) and removed == ("nano 7.2",)
 
+    def test_later_nix_sizes_are_no_versions(self) -> None:
+        """Nix after 2.28 prints the size with renderSize: no plus sign, the unit scaled."""
+        lines = [f"zlib: 1.3 → 1.3.1, {RED}1.2 MiB{NORMAL}",
+                 f"xz: 5.4 → 5.6, {GREEN}-9.0 KiB{NORMAL}"]  # fmt: skip
+        changed, _, _ = preview.parse_diff_closures(lines)
+        assert changed == (PackageChange("zlib", ("1.3",), ("1.3.1",)),
+                           PackageChange("xz", ("5.4",), ("5.6",)))  # fmt: skip
+
     def test_an_error_is_no_package(self) -> None:
         """`error: ...` lines (no store path) do not look like packages."""
         assert preview.parse_diff_closures(["error: path '/x' is not valid"]) == ((), (), ())
