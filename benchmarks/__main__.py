@@ -1,4 +1,5 @@
-"""Run the benchmarks: `.venv/bin/python -m benchmarks [--only fleet|verify|status] [--hosts N]`.
+"""Run the benchmarks: `.venv/bin/python -m benchmarks [--only fleet|verify|status|preview]
+[--hosts N]`.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import fleet, status, verification
+from benchmarks import fleet, preview, status, verification
 from benchmarks.bed import require_tools
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--only", choices=("fleet", "verify", "status"),
+    parser.add_argument("--only", choices=("fleet", "verify", "status", "preview"),
                         help="run one benchmark only")
     parser.add_argument("--hosts", type=int, default=20, help="fleet size (default 20)")
     parser.add_argument("--reps", type=int, default=2,
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         s = status.run(args.hosts, max(args.reps, 3), want_netns=not args.loopback, say=say)
         out["status"] = s
         reports.append(status.report(s))
+    if args.only in (None, "preview"):
+        p = preview.run(max(args.reps, 3), want_netns=not args.loopback, say=say)
+        out["preview"] = p
+        reports.append(preview.report(p))
     for text in reports:
         print(text)
     print(f"\n(total {time.monotonic() - started:.0f}s)")
