@@ -108,15 +108,18 @@ def run() -> int:
     with Testbed() as tb:
         web_port = _free_port()
         host = tb.add_host("demo")
-        good = {"units": {"sshd.service": {}, "web.service": {"port": web_port}}, "label": "v1"}
-        old = {"units": {"sshd.service": {}, "web.service": {"port": web_port}}, "label": "v0"}
+        # web.service restarts when it changes (stopIfChanged = false, as nginx's module has
+        # it); v1 bumps openssl: the preview shows both before the prompt
+        web = {"port": web_port, "stop_if_changed": False}
+        packages = {"openssl": "3.0.13", "nginx": "1.24.0"}
+        old = {"units": {"sshd.service": {}, "web.service": web}, "label": "v0",
+               "packages": packages}  # fmt: skip
+        good = {"units": {"sshd.service": {}, "web.service": web}, "label": "v1",
+                "packages": {**packages, "openssl": "3.0.14"}}  # fmt: skip
         broken = {
-            "units": {
-                "sshd.service": {},
-                "web.service": {"port": web_port},
-                "backup.service": {"fail": True},
-            },
+            "units": {"sshd.service": {}, "web.service": web, "backup.service": {"fail": True}},
             "label": "v2",
+            "packages": good["packages"],
         }
         flake = tb.make_flake(tb.root / "flake", {"demo": good})
         host.activate(tb.build("demo", old))
@@ -131,8 +134,9 @@ def run() -> int:
 
         _step(
             "1. a good deploy",
-            "gates pass, the plan is shown, nixos-rebuild switches the host, "
-            "verification is green and the dead-man timer is cancelled.",
+            "gates pass; the new system is built, copied and previewed on the host (openssl "
+            "3.0.13 → 3.0.14, web.service restarts) in the plan; nixos-rebuild switches the "
+            "host, verification is green and the dead-man timer is cancelled.",
         )
         results.append(
             ("good deploy", 0, _invoke(["rebuild", "--host", "demo", "--yes"], inventory, env))
