@@ -16,13 +16,21 @@ from benchmarks.bed import require_tools
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--only", choices=("fleet", "verify", "status", "preview"),
-                        help="run one benchmark only")
+    parser.add_argument(
+        "--only", choices=("fleet", "verify", "status", "preview"), help="run one benchmark only"
+    )
     parser.add_argument("--hosts", type=int, default=20, help="fleet size (default 20)")
-    parser.add_argument("--reps", type=int, default=2,
-                        help="repetitions of the short measurements (median; default 2)")
-    parser.add_argument("--loopback", action="store_true",
-                        help="loopback hosts even when network namespaces are available")
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=2,
+        help="repetitions of the short measurements (median; default 2)",
+    )
+    parser.add_argument(
+        "--loopback",
+        action="store_true",
+        help="loopback hosts even when network namespaces are available",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     why = require_tools()
