@@ -89,9 +89,11 @@ class Changes:
             parts.append(f"{len(self.added)} added")
         if self.removed:
             parts.append(f"{len(self.removed)} removed")
+        if not parts:
+            parts.append("none changed")
         if self.size_delta_bytes is not None:
             parts.append(human_delta(self.size_delta_bytes))
-        line = "packages: " + (", ".join(parts) if parts else "none changed")
+        line = "packages: " + ", ".join(parts)
         units = [
             f"{verb} {', '.join(self.units[kind])}"
             for kind, verb in (

@@ -163,6 +163,11 @@ class TestParse:
         assert "restarts nginx.service, postgresql.service" in line
         assert line.endswith("REBOOT NEEDED (kernel, kernel-modules)")
 
+    def test_summary_without_package_changes(self) -> None:
+        """Only the size moved: "none changed", then the size."""
+        line = Changes(size_delta_bytes=56, units={"restart": ("web.service",)}).summary()
+        assert line == "packages: none changed, +56 B; restarts web.service"
+
     def test_fleet_totals(self) -> None:
         """Hosts changing, units stopping or restarting, hosts needing a reboot."""
         changed = preview.parse(output(), NEW)
