@@ -154,9 +154,9 @@ def _recv_request(conn: socket.socket) -> tuple[Request, list[int]]:
 def _take_credentials(peer_pid: int, uid: int, gid: int) -> None:
     """Become the caller: its groups (from /proc, as the kernel has them), gid and uid."""
     groups: list[int] = []
-    with Path(f"/proc/{peer_pid}/status").open(encoding="ascii") as status:
+    with open(f"/proc/{peer_pid}/status", "rb") as status:  # noqa: PTH123 (lighter than Path)
         for line in status:
-            if line.startswith("Groups:"):
+            if line.startswith(b"Groups:"):
                 groups = [int(g) for g in line.split()[1:]]
                 break
     if (uid, gid) == (os.getuid(), os.getgid()) and sorted(groups) == sorted(os.getgroups()):
@@ -205,24 +205,36 @@ def _wrap_stdio(open_std: int, utf8_mode: bool) -> None:
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams  # type: ignore[misc]
 
 
-def _set_signals(request: Request) -> None:
-    """Dispositions and mask a fresh Python would have, given the caller's: what the caller
-    ignores stays ignored (exec keeps it), SIGINT raises KeyboardInterrupt otherwise, SIGPIPE
-    and SIGXFSZ are ignored (Python's start-up), everything else is the default."""
+def _fresh_signals() -> None:
+    """The dispositions of a fresh ``python -IS`` that ignores nothing it was not made to:
+    SIGINT raises KeyboardInterrupt, SIGPIPE and SIGXFSZ are ignored (Python's start-up),
+    every other signal has its default action, none is blocked. The server sets them once;
+    its children start with them."""
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
-        if request.ignored & (1 << (sig - 1)) or sig in _PYTHON_IGNORES:
+        if sig in _PYTHON_IGNORES:
             handler: signal.Handlers | Callable[..., object] = signal.SIG_IGN
         elif sig == signal.SIGINT:
             handler = signal.default_int_handler
         else:
             handler = signal.SIG_DFL
-        current = signal.getsignal(sig)
-        if current is handler or (current is None and handler is signal.SIG_DFL):
-            continue
         with contextlib.suppress(OSError, ValueError):  # the C library's own (32, 33)
             signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _set_signals(request: Request) -> None:
+    """What the caller ignores stays ignored, as exec keeps it (the rest is as
+    :func:`_fresh_signals` left it)."""
+    ignored = request.ignored
+    sig = 0
+    while ignored:
+        sig += 1
+        if ignored & 1 and sig not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, signal.SIG_IGN)
+        ignored >>= 1
 
 
 def _run(request: Request) -> int:
@@ -291,12 +303,14 @@ def _child(conn: socket.socket, peer: tuple[int, int, int], close: Sequence[int]
             _take_credentials(*peer)
         env = dict(e.split(b"=", 1) for e in request.env if b"=" in e)
         utf8_mode = coerce_c_locale(env)
+        zone = os.environb.get(b"TZ")
         for key in [k for k in os.environb if k not in env]:
             del os.environb[key]
         for key, value in env.items():
             if os.environb.get(key) != value:
                 os.environb[key] = value
-        time.tzset()
+        if env.get(b"TZ") != zone:
+            time.tzset()
         os.umask(request.umask)
         _install_stdio(request, fds, utf8_mode)
         _set_signals(request)
@@ -315,9 +329,9 @@ def _child(conn: socket.socket, peer: tuple[int, int, int], close: Sequence[int]
 
 # True in the simulator's children: the helpers they start are forks, not new Pythons
 IN_SIMULATOR = False
-# A forked helper registers its pid (PidRegistry.add) as its starter does, at the same moment:
-# forks only once PidRegistry.add takes two writers of one pid (a temporary file per writer)
-FORK_HELPERS = False
+# A forked helper registers its pid (PidRegistry.add) at the moment its starter does: safe since
+# PidRegistry.add takes two writers of one pid (a temporary file per writer)
+FORK_HELPERS = True
 
 
 class Helper(Protocol):
@@ -467,6 +481,7 @@ def serve(argv: Sequence[str]) -> int:
     root = Path(opts["--root"])
     ready_fd = int(opts["--ready-fd"])
     _preload()
+    _fresh_signals()
     path = socket_path(root)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = path.with_name(f".{SOCKET_NAME}.{os.getpid()}")

@@ -81,6 +81,9 @@ SERVED_CASES = [
     " --list-generations",
     "systemctl show sshd </dev/null >&- 2>&-; echo rc=$?; systemctl bogus 2>&-; echo rc=$?",
     "ulimit -n 64; systemctl show -p Id sshd; umask 077; systemctl is-active sshd",
+    # what the caller ignores, the command and the service it starts ignore too (exec keeps it)
+    "trap '' HUP USR1; systemd-run --quiet --pipe --wait grep -E '^Sig(Ign|Blk)' /proc/self/status",
+    "systemd-run --quiet --pipe --wait --setenv=A=1 sh -c 'echo $A; pwd; exit 3'; echo rc=$?",
 ]
 
 
