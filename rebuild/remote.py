@@ -282,11 +282,22 @@ class Remote:
             ) from None
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise RemoteError(f"{self.endpoint.name}: connection lost: {exc}") from None
+        if result.exited == NO_EXIT_STATUS:
+            # Invoke's timer closes the channel, but reports CommandTimedOut only when its own
+            # thread has already ended: under load the partial output comes back as a result
+            # with no exit status. The same holds for a channel closed any other way.
+            raise RemoteError(
+                f"{self.endpoint.name}: a remote command ended without an exit status "
+                f"(timed out after {timeout:g}s, or the connection was lost)"
+            )
         if sudo and result.exited != 0:
             problem = sudo_problem(self.endpoint, str(result.stderr))
             if problem is not None:
                 raise GateRefused(problem)
         return RemoteResult(int(result.exited), str(result.stdout), str(result.stderr))
+
+
+NO_EXIT_STATUS = -1  # paramiko's recv_exit_status() for a channel closed without one
 
 
 class _WholeStream(io.StringIO):

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from rebuild.errors import RemoteError
+from rebuild.remote import Endpoint, Remote
 from testbed import Testbed
 from tests.integration.conftest import (
     Deployment,
@@ -209,3 +211,17 @@ def test_standalone_verify_compares_with_head_not_the_working_tree(deployment: D
     code, data = verify_json(d)
     assert code == 0, data
     assert data["expected_system"] == d.expected("vps", head)
+
+
+def test_a_remote_command_without_exit_status_is_an_error(deployment: Deployment) -> None:
+    """A command whose channel closes without an exit status (here its shell is killed; on a
+    timeout Invoke's timer closes the channel the same way) is an error, never a short result
+    parsed as facts."""
+    d = deployment
+    endpoint = Endpoint(name="vps", address=d.host.address, port=d.host.port,
+                        user=d.host.user, known_hosts=d.tb.known_hosts,
+                        identity_file=d.tb.client_key, connect_timeout=5)  # fmt: skip
+    with Remote(endpoint) as remote:
+        assert remote.run("echo fine").stdout == "fine\n"
+        with pytest.raises(RemoteError, match="without an exit status"):
+            remote.run("echo partial; kill -9 $$")
