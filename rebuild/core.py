@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from rebuild.results import Result
-from rebuild.verify import Report
+from rebuild.verify import Check, Report
 
 ACTIVATING = ("switch", "test")  # the actions that change what runs (and get a dead-man timer)
 NO_CHECKS = ("build", "dry-activate")  # nothing to verify afterwards
@@ -87,7 +87,7 @@ class RebuildExited:
 
     code: int
     failure: str = ""
-    beats: tuple[TimerArmed | TimerFired | LockLost | Unreachable, ...] = ()
+    beats: tuple[TimerBeat, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,12 @@ class TimerCancelled:
 
 @dataclass(frozen=True)
 class Verified:
-    """The verification report (its checks may fail); `report.reachable` False: host lost."""
+    """The verification report (its checks may fail); `report.reachable` False: host lost.
+    After `Verify(rearm=True)`, `rearm` is what the re-arm in the same round trip saw (None:
+    the round trip never came back)."""
 
     report: Report
+    rearm: TimerBeat | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,9 @@ class Unreachable:
     """The host did not answer the last step (or the step failed on it)."""
 
     detail: str
+
+
+TimerBeat = TimerArmed | TimerFired | LockLost | Unreachable  # what one arm step saw
 
 
 @dataclass(frozen=True)
@@ -199,10 +205,13 @@ class CancelTimer:
 
 @dataclass(frozen=True)
 class Verify:
-    """Run the host's checks against `expected` (`boot`: the profile only): Verified."""
+    """Run the host's checks against `expected` (`boot`: the profile only): Verified. With
+    `rearm`, the dead-man timer is pushed forward first, in the same round trip as the first
+    gathering of facts (a full window for verification at no extra round trip)."""
 
     expected: str | None
     boot: bool
+    rearm: bool = False
 
 
 @dataclass(frozen=True)
@@ -357,6 +366,9 @@ def _building(setup: Setup, state: State, seen: Observation) -> Decision:
     if seen.code == 130:  # Ctrl-C while nixos-rebuild ran
         return _end(Result.INTERRUPTED, f"{setup.host}: interrupted during nixos-rebuild"
                     + _protected_by_timer(setup))  # fmt: skip
+    if setup.timer and seen.code == 0 and setup.verify and setup.action not in NO_CHECKS:
+        verify = Verify(setup.expected, boot=False, rearm=True)
+        return Decision(dataclasses.replace(after, phase=Phase.VERIFYING), verify)
     if setup.timer:
         return Decision(dataclasses.replace(after, phase=Phase.REARMING), ArmTimer())
     return _after_rebuild(setup, after)
@@ -368,12 +380,16 @@ def _rearming(setup: Setup, state: State, seen: Observation) -> Decision:
     if isinstance(seen, TimerFired):
         return _go(state, Phase.RESTORED_READ, ReadSystem())
     if isinstance(seen, LockLost):
-        return _end(
-            Result.INTERRUPTED,
-            f"{setup.host}: the host lock was broken by {seen.holder} while nixos-rebuild ran; "
-            f"stopping here: the dead-man timer restores {setup.previous} unless a run verifies",
-        )
+        return _lock_lost_after_rebuild(setup, seen)
     return _go(state, Phase.CHECKING_TIMER, CheckTimer())
+
+
+def _lock_lost_after_rebuild(setup: Setup, seen: LockLost) -> Decision:
+    return _end(
+        Result.INTERRUPTED,
+        f"{setup.host}: the host lock was broken by {seen.holder} while nixos-rebuild ran; "
+        f"stopping here: the dead-man timer restores {setup.previous} unless a run verifies",
+    )
 
 
 def _checking_timer(setup: Setup, state: State, seen: Observation) -> Decision:
@@ -464,9 +480,22 @@ def _unverified(setup: Setup, state: State, seen: Observation) -> Decision:
 
 
 def _verifying(setup: Setup, state: State, seen: Observation) -> Decision:
+    if isinstance(seen, Unreachable):  # the step failed on the host before any facts came
+        seen = Verified(Report(setup.host, None, setup.expected,
+                               (Check("ssh", False, seen.detail),), reachable=False))  # fmt: skip
     if not isinstance(seen, Verified):
         return _bug(setup, state, seen)
     report = seen.report
+    rearm = seen.rearm
+    if isinstance(rearm, TimerFired):  # the facts are of a host that restored itself
+        return _go(state, Phase.RESTORED_READ, ReadSystem())
+    if isinstance(rearm, LockLost):
+        return _lock_lost_after_rebuild(setup, rearm)
+    if isinstance(rearm, TimerArmed):
+        state = dataclasses.replace(state, armed_at=rearm.at)
+    elif isinstance(rearm, Unreachable) and report.reachable:
+        # the host answered but the re-arm failed: ask the timer, then verify again
+        return _go(state, Phase.CHECKING_TIMER, CheckTimer())
     state = dataclasses.replace(state, report=report)
     if report.ok:
         if setup.timer:

@@ -19,19 +19,22 @@ from pathlib import Path
 
 import structlog
 
-from rebuild import audit, core, hostops, process
+from rebuild import audit, core, facts, hostops, process
 from rebuild.console import Console
-from rebuild.errors import RebuildError
+from rebuild.errors import GateRefused, RebuildError
 from rebuild.hostrun import HostRun, child_env, current_system, run_dir, verify_host
+from rebuild.hostrun import gather as gather_facts
 from rebuild.inventory import Loaded
-from rebuild.remote import sudo_problem
+from rebuild.remote import RemoteResult, sudo_problem
 from rebuild.results import Result
+from rebuild.verify import Report, run_checks
 
 log = structlog.get_logger("rebuild")
 
 RECONNECT_INTERVAL = 2.0
 REBOOT_GRACE = 3.0  # seconds before asking a rebooting host again
 LOCK_REFRESH_INTERVAL = 30.0  # seconds between refreshes of the host lock without a timer
+ARM_TIMEOUT = 30  # seconds the arm (or lock refresh) step may take on the host
 MAX_STEPS = 64  # a deploy takes about ten; a bound, not a loop
 LEGACY_SUDO_PROMPTS = 16  # older nixos-rebuild asks once per ssh session; a bound, not a loop
 
@@ -129,10 +132,13 @@ class Deploy:
                                 f"could not note the result in {hostops.DEPLOY_LOG} on the host"
                             )
                     return core.TimerCancelled(gone, now)
-                case core.Verify(expected=expected, boot=boot):
-                    report = verify_host(self.hr, expected, boot=boot)
+                case core.Verify(expected=expected, boot=boot, rearm=rearm):
+                    if rearm:
+                        report, rearmed = self.verify_rearmed(expected)
+                    else:
+                        report, rearmed = verify_host(self.hr, expected, boot=boot), None
                     self.console.report(report)
-                    return core.Verified(report)
+                    return core.Verified(report, rearmed)
                 case core.RollbackNow(previous=previous):
                     return self.rollback_now(previous)
                 case core.WaitForReturn(deadline=deadline, give_up=give_up):
@@ -151,12 +157,18 @@ class Deploy:
 
     def arm(self) -> core.TimerArmed | core.TimerFired | core.LockLost:
         """(Re-)arm the dead-man timer, if this run still holds the host's lock."""
+        return self._armed(self.hr.run(self._arm_script(), timeout=ARM_TIMEOUT))
+
+    def _arm_script(self) -> str:
         hr = self.hr
         if hr.previous is None:  # the core arms a timer only with a known previous system
             raise RebuildError(f"{hr.name}: the current system is unknown; no dead-man timer")
         seconds = self.setup.rollback_timeout
-        script = hostops.arm_timer_script(hr.run_id, hr.previous, seconds, self._refreshed())
-        result = hr.run(script, timeout=30)
+        return hostops.arm_timer_script(hr.run_id, hr.previous, seconds, self._refreshed())
+
+    def _armed(self, result: RemoteResult) -> core.TimerArmed | core.TimerFired | core.LockLost:
+        """What the arm step's answer means (a failure to arm is a RebuildError)."""
+        hr = self.hr
         if result.stdout.strip() == "fired":
             return core.TimerFired()
         holder = hostops.parse_lock_lost(result.stdout)
@@ -167,6 +179,31 @@ class Deploy:
             raise RebuildError(f"{hr.name}: cannot arm the dead-man timer: {detail}")
         return core.TimerArmed(self.clock())
 
+    def verify_rearmed(self, expected: str | None) -> tuple[Report, core.TimerBeat | None]:
+        """Verification after nixos-rebuild: the first gathering of facts also pushes the
+        dead-man timer forward (privileged), in the same round trip; retries gather alone."""
+        hr = self.hr
+        spec = hr.target.settings.verify
+        beats: list[core.TimerBeat] = []
+
+        def gather() -> facts.Facts:
+            if beats:
+                return gather_facts(hr, boot=False)
+            try:
+                timeout = ARM_TIMEOUT + facts.script_timeout(spec)
+                armed, plain = hr.run_pair(self._arm_script(), facts.script(spec), timeout=timeout)
+            except GateRefused as exc:  # sudo refused the re-arm: the facts alone, then
+                beats.append(core.Unreachable(str(exc)))
+                return gather_facts(hr, boot=False)
+            try:
+                beats.append(self._armed(armed))
+            except RebuildError as exc:
+                beats.append(core.Unreachable(str(exc)))
+            return facts.parse(plain.stdout, spec)
+
+        report = run_checks(gather, spec, expected, host=hr.name)
+        return report, beats[0] if beats else None
+
     def _refreshed(self) -> hostops.LockOwner | None:
         owner = self.hr.lock_owner
         return None if owner is None else replace(owner, refreshed=time.time())
@@ -176,7 +213,7 @@ class Deploy:
         owner = self._refreshed()
         if owner is None:
             return None
-        result = self.hr.run(hostops.refresh_lock_script(owner), timeout=30)
+        result = self.hr.run(hostops.refresh_lock_script(owner), timeout=ARM_TIMEOUT)
         holder = hostops.parse_lock_lost(result.stdout)
         return None if holder is None else core.LockLost(holder)
 

@@ -66,6 +66,11 @@ class HostRun:
     def run(self, script: str, *, timeout: float = 60, privileged: bool = True) -> RemoteResult:
         return self.connection().run(script, timeout=timeout, privileged=privileged)
 
+    def run_pair(self, privileged: str, plain: str, *, timeout: float = 60
+                 ) -> tuple[RemoteResult, RemoteResult]:  # fmt: skip
+        """A privileged script and a plain one in one round trip (`Remote.run_pair`)."""
+        return self.connection().run_pair(privileged, plain, timeout=timeout)
+
     def close(self) -> None:
         if self.remote is not None:
             self.remote.close()

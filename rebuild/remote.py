@@ -272,6 +272,16 @@ class Remote:
             if password is not None:
                 # sudo -S reads it from the command's stdin: never in an argv or environment
                 stdin = _WholeStream(password + "\n")
+        result = self._exec(command, stdin, timeout)
+        if sudo and result.exited != 0:
+            problem = sudo_problem(self.endpoint, result.stderr)
+            if problem is not None:
+                raise GateRefused(problem)
+        return result
+
+    def _exec(self, command: str, stdin: io.StringIO | bool, timeout: float) -> RemoteResult:
+        """One remote command; a timeout, a lost connection or a missing exit status is a
+        RemoteError."""
         try:
             result = self.conn.run(
                 command, hide=True, warn=True, in_stream=stdin, timeout=timeout, pty=False
@@ -290,14 +300,48 @@ class Remote:
                 f"{self.endpoint.name}: a remote command ended without an exit status "
                 f"(timed out after {timeout:g}s, or the connection was lost)"
             )
-        if sudo and result.exited != 0:
-            problem = sudo_problem(self.endpoint, str(result.stderr))
+        return RemoteResult(int(result.exited), str(result.stdout), str(result.stderr))
+
+    def run_pair(self, privileged: str, plain: str, *, timeout: float = 60
+                 ) -> tuple[RemoteResult, RemoteResult]:  # fmt: skip
+        """Run a privileged script, then a plain one, in one round trip (one remote command).
+
+        The privileged part's output (its stderr folded in) and exit status travel ahead of
+        a marker line; the plain part runs as the SSH user with stdin closed, also when the
+        first went through sudo (which took the password from stdin, as `run` does).
+        """
+        sudo = self.endpoint.sudo
+        password = self.endpoint.sudo_password if sudo else None
+        if password is not None:  # sudo -S takes the password line; the script drains the rest
+            first = sudo_command(privileged, with_password=True)
+        else:
+            first = (sudo_command(privileged) if sudo else "sh -c " + shlex.quote(privileged)
+                     ) + " </dev/null"  # fmt: skip
+        script = (
+            f"{_PAIR_OUT}=$({first} 2>&1); {_PAIR_RC}=$?\n"
+            f'printf \'%s\\n\' "${_PAIR_OUT}"; echo "{PAIR_MARK} ${_PAIR_RC}"\n'
+            f"unset {_PAIR_OUT} {_PAIR_RC}; exec </dev/null\n{plain}"
+        )
+        stdin = _WholeStream(password + "\n") if password is not None else False
+        result = self._exec(script, stdin, timeout)
+        head, found, tail = result.stdout.partition(f"\n{PAIR_MARK} ")
+        code_text, _, plain_out = tail.partition("\n")
+        if not found or not code_text.strip().lstrip("-").isdigit():
+            raise RemoteError(f"{self.endpoint.name}: a remote command ended early: "
+                              f"{result.stderr.strip()[-200:]}")  # fmt: skip
+        first_result = RemoteResult(int(code_text), head + "\n", "")
+        if sudo and first_result.exited != 0:
+            problem = sudo_problem(self.endpoint, head)
             if problem is not None:
                 raise GateRefused(problem)
-        return RemoteResult(int(result.exited), str(result.stdout), str(result.stderr))
+        return first_result, RemoteResult(result.exited, plain_out, result.stderr)
 
 
 NO_EXIT_STATUS = -1  # paramiko's recv_exit_status() for a channel closed without one
+
+
+PAIR_MARK = "@@rebuild-pair@@"
+_PAIR_OUT, _PAIR_RC = "rebuild_first", "rebuild_first_rc"
 
 
 class _WholeStream(io.StringIO):

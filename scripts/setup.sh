@@ -69,4 +69,6 @@ fi
 ruff check .
 ruff format --check .
 mypy
-exec pytest -q
+# 4 workers on any machine: the tests mostly wait (timers, reboots, lost hosts), and each
+# brings its own hosts, ports and network namespaces
+exec pytest -q -n "${TEST_WORKERS:-4}" --dist worksteal

@@ -23,6 +23,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from rebuild.errors import GateRefused
+from rebuild.remote import Endpoint, Remote
 from testbed import Testbed
 from testbed.procs import proc_parent
 from tests.integration.conftest import REPO, Deployment, config, make_deployment
@@ -463,3 +465,36 @@ def files_below(root: Path) -> Iterator[Path]:
             path = Path(dirpath) / name
             if path.is_file() and not path.is_symlink():
                 yield path
+
+
+class TestPrivilegedAndPlainInOneRoundTrip:
+    """`Remote.run_pair`: the re-arm (root, through sudo) and the facts (as the SSH user) of a
+    deploy's verification share one remote command; the password reaches sudo only."""
+
+    def endpoint(self, d: Deployment, user: str, password: str | None) -> Endpoint:
+        return Endpoint(name="vps", address=d.host.address, port=d.host.port, user=user,
+                        known_hosts=d.tb.known_hosts, identity_file=d.tb.client_key,
+                        connect_timeout=5, sudo=True, sudo_password=password)  # fmt: skip
+
+    @pytest.mark.parametrize("kind", ["nopasswd", "password"])
+    def test_first_part_as_root_second_as_the_user(
+        self, bed: Testbed, accounts: dict[str, testusers.TestUser], kind: str
+    ) -> None:
+        d = make_deployment(bed)
+        user = accounts[kind].name
+        password = PASSWORD if kind == "password" else None
+        with Remote(self.endpoint(d, user, password)) as remote:
+            first, second = remote.run_pair(
+                "id -un; cat; echo oops >&2; exit 3", "id -un; cat; echo done"
+            )
+        assert (first.exited, first.stdout) == (3, "root\noops\n")
+        assert (second.exited, second.stdout) == (0, f"{user}\ndone\n")
+        assert PASSWORD not in first.stdout + second.stdout + second.stderr
+
+    def test_a_wrong_password_is_refused_once(
+        self, bed: Testbed, accounts: dict[str, testusers.TestUser]
+    ) -> None:
+        d = make_deployment(bed)
+        endpoint = self.endpoint(d, accounts["password"].name, "not-" + PASSWORD)
+        with Remote(endpoint) as remote, pytest.raises(GateRefused, match="rejected"):
+            remote.run_pair("id -un", "echo plain")

@@ -225,3 +225,17 @@ def test_a_remote_command_without_exit_status_is_an_error(deployment: Deployment
         assert remote.run("echo fine").stdout == "fine\n"
         with pytest.raises(RemoteError, match="without an exit status"):
             remote.run("echo partial; kill -9 $$")
+
+
+def test_a_privileged_and_a_plain_script_share_one_command_as_root(
+    deployment: Deployment,
+) -> None:
+    """Without sudo (root logs in) both parts run, each with its own output and exit status."""
+    d = deployment
+    endpoint = Endpoint(name="vps", address=d.host.address, port=d.host.port,
+                        user=d.host.user, known_hosts=d.tb.known_hosts,
+                        identity_file=d.tb.client_key, connect_timeout=5)  # fmt: skip
+    with Remote(endpoint) as remote:
+        first, second = remote.run_pair("echo one; cat; exit 4", "echo two; exit 0")
+    assert (first.exited, first.stdout) == (4, "one\n")
+    assert (second.exited, second.stdout) == (0, "two\n")
