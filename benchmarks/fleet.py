@@ -2,6 +2,8 @@
 
 Measured, each in the same run and against the same hosts:
 - baseline: a bare `ssh host true` (a fresh connection) to one host, and to all at once;
+- the bare stand-in `nixos-rebuild switch --target-host` to one host, and to all at once (one
+  process per host, in parallel): the fleet ratio rebuild is measured against;
 - rollout with verification: `invoke rebuild --host h00 --yes` vs `invoke rebuild --all --yes
   --jobs N`, every host moving to a new configuration (a new commit) each time; wall time of
   the real `invoke` process, from start to exit;
@@ -20,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bed import CORES, Bed, BenchHost, Cpu, cpu_meter, median, run_invoke, ssh_true
+from benchmarks.preview import bare_switch
 from rebuild import hostrun
 from rebuild.inventory import load
 
 TARGET = 1.5
+BARE_TARGET = 1.1  # rebuild's fleet ratio over the bare nixos-rebuild's
 
 
 @dataclass
@@ -65,6 +69,19 @@ def rollout(bed: Bed, inventory: Path, args: list[str]) -> Cpu:
             f"rollout {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
         )
     return done.cpu
+
+
+def bare_rollout(bed: Bed, hosts: list[BenchHost], via_proxy: bool) -> float:
+    """The bare stand-in nixos-rebuild switch to every host at once; wall seconds."""
+    bed.bump()
+    started = time.monotonic()
+
+    def one(h: BenchHost) -> float:
+        return bare_switch(bed, h, via_proxy, bed.tb.root / f"bare-{bed.round}-{h.name}")
+
+    with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+        list(pool.map(one, hosts))
+    return time.monotonic() - started
 
 
 def verify_hosts(bed: Bed, inventory: Path, hosts: list[BenchHost]) -> Cpu:
@@ -109,6 +126,12 @@ def measure(bed: Bed, latency_ms: int, reps: int, say: Callable[[str], None]) ->
         median([ssh_true(bed, first, via_proxy=via_proxy) for _ in range(max(3, reps))]),
         median([ssh_true(bed, bed.hosts, via_proxy=via_proxy) for _ in range(max(2, reps))]),
     )
+    say(f"  {latency_ms} ms: bare nixos-rebuild switch, 1 host x{reps}, then {n} hosts")
+    bare = Pair(
+        "bare nixos-rebuild switch",
+        median([bare_rollout(bed, first, via_proxy) for _ in range(reps)]),
+        bare_rollout(bed, bed.hosts, via_proxy),
+    )
     say(f"  {latency_ms} ms: rollout with verification, 1 host x{reps}, then {n} hosts")
     ones = [rollout(bed, inventory, ["--host", first[0].name]) for _ in range(reps)]
     many = rollout(bed, inventory, ["--all", "--jobs", str(n)])
@@ -120,7 +143,7 @@ def measure(bed: Bed, latency_ms: int, reps: int, say: Callable[[str], None]) ->
     v_one = sorted(v_ones, key=lambda c: c.wall)[len(v_ones) // 2]
     v_mid = sorted(v_many, key=lambda c: c.wall)[len(v_many) // 2]
     verify_pair = Pair("verification only", v_one.wall, v_mid.wall, v_mid, v_one)
-    return [ssh, deploy_pair, verify_pair]
+    return [ssh, bare, deploy_pair, verify_pair]
 
 
 def run(hosts: int = 20, reps: int = 2, *, want_netns: bool = True,
@@ -159,13 +182,22 @@ def report(results: dict[str, Any]) -> str:
     ]
     for latency, pairs in results["_pairs"].items():
         for p in pairs:
-            verdict = "" if p.name.startswith("ssh") else (
+            verdict = "" if p.name.startswith(("ssh", "bare")) else (
                 "ok" if p.ratio <= TARGET else "MISSED")  # fmt: skip
             floor = f"{p.cpu_many.floor:13.1f}s" if p.cpu_many is not None else ""
             lines.append(
                 f"{latency:>5}ms  {p.name:26} {p.one:7.2f}s {p.many:8.2f}s {p.ratio:5.1f}x  "
                 f"{verdict:9}  {floor:>14}"
             )
+    lines += [""]
+    for latency, pairs in results["_pairs"].items():
+        by_name = {p.name: p for p in pairs}
+        bare, ours = by_name["bare nixos-rebuild switch"], by_name["rollout + verification"]
+        lines.append(
+            f"{latency:>5}ms  rebuild's {n}-over-1 ratio / the bare nixos-rebuild's: "
+            f"{ours.ratio:.2f} / {bare.ratio:.2f} = {ours.ratio / bare.ratio:.2f}x "
+            f"(issue #17's goal: at most {BARE_TARGET}x)"
+        )
     lines += ["", f"Where the CPU went during the {n}-host runs (CPU seconds):", ""]
     lines.append(
         f"{'latency':>7}  {'measurement':26} {'wall':>7} {'hosts':>7} {'operator':>9} "

@@ -69,6 +69,7 @@ class Record:
     rollback_checks: list[dict[str, object]] = field(default_factory=list)
     duration_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    remote_commands: int = 0  # commands over rebuild's own SSH connection: one round trip each
     changes: dict[str, object] | None = None  # the preview (see rebuild.preview.Changes)
     tools: dict[str, dict[str, str]] = field(default_factory=dict)  # path and version
     extra: dict[str, object] = field(default_factory=dict)

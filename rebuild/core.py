@@ -41,6 +41,7 @@ class Setup:
     lost_grace: float = 50.0  # seconds past the timer's deadline before a lost host is given up
     reboot: bool = False  # --reboot: after a verified activation, reboot when needed
     reboot_timeout: int = 300  # how long a host may take to come back from its reboot
+    armed_at: float | None = None  # the timer was armed ahead (in the preview's round trip)
 
     @property
     def timer(self) -> bool:
@@ -312,7 +313,9 @@ class Decision:
 
 
 def start(setup: Setup) -> Decision:
-    """The first action of a host's deploy."""
+    """The first action of a host's deploy (a timer armed ahead is already running)."""
+    if setup.timer and setup.armed_at is not None:
+        return _arming(setup, State(Phase.ARMING), TimerArmed(setup.armed_at))
     if setup.timer:
         return Decision(State(Phase.ARMING), ArmTimer())
     return Decision(State(Phase.BUILDING), RunNixosRebuild(heartbeat=False))

@@ -19,8 +19,8 @@ import structlog
 from rebuild import audit, gitstate, hooks, hostops, identity, nixos, prebuild, preview
 from rebuild import sudo_keyring as sudo_secrets
 from rebuild.console import Console
-from rebuild.core import Outcome, Setup
-from rebuild.driver import Deploy
+from rebuild.core import Outcome, Setup, TimerArmed
+from rebuild.driver import Deploy, arm_answer, arm_script
 from rebuild.errors import (
     Declined,
     Interrupted,
@@ -126,7 +126,7 @@ def run_hosts(
         previewed = [hr for hr in runs if previews(hr, opts)]
         if not opts.dry_run or previewed:
             lock(run, runs, loaded, opts)
-        build_ahead(run, previewed, loaded, opts, console, cancel)
+        build_ahead(run, previewed, loaded, opts, console, cancel, arms_ahead(runs, opts, loaded))
         plan = make_plan(run, runs, opts, run.flake or loaded.flake)
         console.say(render_plan(plan))
         if opts.dry_run:
@@ -213,14 +213,22 @@ def previews(hr: HostRun, opts: Options) -> bool:
 
 
 def build_ahead(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
-                console: Console, cancel: threading.Event) -> None:  # fmt: skip
+                console: Console, cancel: threading.Event,
+                arming: frozenset[str] = frozenset()) -> None:  # fmt: skip
     """Per host, in parallel: build the new system (the deploy's one evaluation), copy it to
-    the host, and ask the host what the switch will change."""
+    the host, and ask the host what the switch will change (arming the dead-man timer in
+    the same round trip for the hosts in `arming`)."""
 
     def one(hr: HostRun) -> None:
         hr.expected = prebuild.build(hr, loaded, run.flake, console, cancel)
         prebuild.copy(hr, loaded, hr.expected, console, cancel)
-        hr.changes = prebuild.ask(hr, hr.expected)
+        seconds = hr.target.settings.rollback_timeout
+        arm = arm_script(hr, seconds) if hr.name in arming else None
+        hr.changes, armed = prebuild.ask(hr, hr.expected, arm)
+        if armed is not None:
+            with contextlib.suppress(RebuildError):  # not armed: the deploy arms it itself
+                if isinstance(arm_answer(hr, armed, time.monotonic()), TimerArmed):
+                    hr.armed_ahead = time.monotonic()
 
     errors = _parallel(runs, one, opts.jobs, cancel)
     for hr, error in zip(runs, errors, strict=True):
@@ -229,6 +237,15 @@ def build_ahead(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
         if isinstance(error, RebuildError):  # this host cannot be deployed; the others can
             hr.outcome = Outcome(error.result, str(error), hr.previous)
             console.error(str(error))
+
+
+def arms_ahead(runs: list[HostRun], opts: Options, loaded: Loaded) -> frozenset[str]:
+    """The host whose dead-man timer is armed in the preview's round trip: one host, and no
+    prompt follows (--yes), so its deploy starts right after it. In a fleet the other hosts'
+    builds could outlast the timer, so every host there arms it when its deploy starts."""
+    if not opts.yes or opts.dry_run or len(runs) != 1:
+        return frozenset()
+    return frozenset(hr.name for hr in runs if setup_for(hr, opts, loaded).timer)
 
 
 def audit_gate(run: Run, loaded: Loaded) -> None:
@@ -372,6 +389,7 @@ def record(run: Run, hr: HostRun, loaded: Loaded, opts: Options) -> audit.Record
         ),
         duration_s=round(time.monotonic() - hr.started, 3),
         timings={phase: round(seconds, 3) for phase, seconds in hr.timings.items()},
+        remote_commands=hr.remote_commands,
         changes=hr.changes.to_json() if hr.changes is not None else None,
         tools=run.tools,
         extra={"warnings": list(hr.warnings)} if hr.warnings else {},
@@ -486,6 +504,7 @@ def setup_for(hr: HostRun, opts: Options, loaded: Loaded) -> Setup:
         lost_grace=LOST_GRACE,
         reboot=opts.reboot,
         reboot_timeout=spec.reboot_timeout,
+        armed_at=hr.armed_ahead,
     )
 
 
@@ -497,6 +516,7 @@ def deploy_one(run: Run, hr: HostRun, loaded: Loaded, opts: Options, console: Co
     """One host's deploy to its Outcome; never raises (a bug is an `error` outcome)."""
     hr.success_record = host_record(run, hr, hr.expected, str(Result.OK))
     deploy = Deploy(hr, setup_for(hr, opts, loaded), loaded, console, cancel)
+    hr.armed_ahead = None  # from here the timer is the deploy's to keep or cancel
     try:
         hr.outcome = deploy.run()
     except Exception as exc:
@@ -608,6 +628,7 @@ def host_json(hr: HostRun) -> dict[str, object]:
     data["exit_code"] = outcome.exit_code
     data["run_id"] = hr.run_id
     data["timings"] = {phase: round(s, 3) for phase, s in hr.timings.items()}
+    data["remote_commands"] = hr.remote_commands
     data["changes"] = hr.changes.to_json() if hr.changes is not None else None
     if outcome.rollback_report is not None:
         data["rollback_checks"] = [c.to_json() for c in outcome.rollback_report.checks]

@@ -34,7 +34,6 @@ log = structlog.get_logger("rebuild")
 RECONNECT_INTERVAL = 2.0
 REBOOT_GRACE = 3.0  # seconds before asking a rebooting host again
 LOCK_REFRESH_INTERVAL = 30.0  # seconds between refreshes of the host lock without a timer
-ARM_TIMEOUT = 30  # seconds the arm (or lock refresh) step may take on the host
 MAX_STEPS = 64  # a deploy takes about ten; a bound, not a loop
 LEGACY_SUDO_PROMPTS = 16  # older nixos-rebuild asks once per ssh session; a bound, not a loop
 
@@ -157,27 +156,13 @@ class Deploy:
 
     def arm(self) -> core.TimerArmed | core.TimerFired | core.LockLost:
         """(Re-)arm the dead-man timer, if this run still holds the host's lock."""
-        return self._armed(self.hr.run(self._arm_script(), timeout=ARM_TIMEOUT))
+        return self._armed(self.hr.run(self._arm_script(), timeout=hostops.ARM_TIMEOUT))
 
     def _arm_script(self) -> str:
-        hr = self.hr
-        if hr.previous is None:  # the core arms a timer only with a known previous system
-            raise RebuildError(f"{hr.name}: the current system is unknown; no dead-man timer")
-        seconds = self.setup.rollback_timeout
-        return hostops.arm_timer_script(hr.run_id, hr.previous, seconds, self._refreshed())
+        return arm_script(self.hr, self.setup.rollback_timeout)
 
     def _armed(self, result: RemoteResult) -> core.TimerArmed | core.TimerFired | core.LockLost:
-        """What the arm step's answer means (a failure to arm is a RebuildError)."""
-        hr = self.hr
-        if result.stdout.strip() == "fired":
-            return core.TimerFired()
-        holder = hostops.parse_lock_lost(result.stdout)
-        if holder is not None:
-            return core.LockLost(holder)
-        if not result.ok:
-            detail = (result.stderr or result.stdout).strip()[-300:]
-            raise RebuildError(f"{hr.name}: cannot arm the dead-man timer: {detail}")
-        return core.TimerArmed(self.clock())
+        return arm_answer(self.hr, result, self.clock())
 
     def verify_rearmed(self, expected: str | None) -> tuple[Report, core.TimerBeat | None]:
         """Verification after nixos-rebuild: the first gathering of facts also pushes the
@@ -190,7 +175,7 @@ class Deploy:
             if beats:
                 return gather_facts(hr, boot=False)
             try:
-                timeout = ARM_TIMEOUT + facts.script_timeout(spec)
+                timeout = hostops.ARM_TIMEOUT + facts.script_timeout(spec)
                 armed, plain = hr.run_pair(self._arm_script(), facts.script(spec), timeout=timeout)
             except GateRefused as exc:  # sudo refused the re-arm: the facts alone, then
                 beats.append(core.Unreachable(str(exc)))
@@ -204,16 +189,12 @@ class Deploy:
         report = run_checks(gather, spec, expected, host=hr.name)
         return report, beats[0] if beats else None
 
-    def _refreshed(self) -> hostops.LockOwner | None:
-        owner = self.hr.lock_owner
-        return None if owner is None else replace(owner, refreshed=time.time())
-
     def refresh_lock(self) -> core.LockLost | None:
         """Keep the host's lock fresh while nixos-rebuild runs (no timer to arm)."""
-        owner = self._refreshed()
+        owner = refreshed_owner(self.hr)
         if owner is None:
             return None
-        result = self.hr.run(hostops.refresh_lock_script(owner), timeout=ARM_TIMEOUT)
+        result = self.hr.run(hostops.refresh_lock_script(owner), timeout=hostops.ARM_TIMEOUT)
         holder = hostops.parse_lock_lost(result.stdout)
         return None if holder is None else core.LockLost(holder)
 
@@ -376,3 +357,32 @@ def build_failure(
             return f"{hr.name}: nixos-rebuild exited {done.returncode}: {problem}"
     tail = "\n".join(done.stderr.splitlines()[-10:])
     return f"{hr.name}: nixos-rebuild exited {done.returncode}:\n{tail}"
+
+
+# --- the arm step, shared with the preview's round trip (arming ahead) -----------------------
+
+
+def refreshed_owner(hr: HostRun) -> hostops.LockOwner | None:
+    owner = hr.lock_owner
+    return None if owner is None else replace(owner, refreshed=time.time())
+
+
+def arm_script(hr: HostRun, seconds: int) -> str:
+    """(Re-)arm the host's dead-man timer for `seconds`, refreshing this run's lock."""
+    if hr.previous is None:  # the core arms a timer only with a known previous system
+        raise RebuildError(f"{hr.name}: the current system is unknown; no dead-man timer")
+    return hostops.arm_timer_script(hr.run_id, hr.previous, seconds, refreshed_owner(hr))
+
+
+def arm_answer(hr: HostRun, result: RemoteResult, now: float
+               ) -> core.TimerArmed | core.TimerFired | core.LockLost:  # fmt: skip
+    """What the arm step's answer means (a failure to arm is a RebuildError)."""
+    if result.stdout.strip() == "fired":
+        return core.TimerFired()
+    holder = hostops.parse_lock_lost(result.stdout)
+    if holder is not None:
+        return core.LockLost(holder)
+    if not result.ok:
+        detail = (result.stderr or result.stdout).strip()[-300:]
+        raise RebuildError(f"{hr.name}: cannot arm the dead-man timer: {detail}")
+    return core.TimerArmed(now)

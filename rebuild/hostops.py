@@ -215,6 +215,9 @@ def refresh_lock_script(owner: LockOwner) -> str:
     )
 
 
+ARM_TIMEOUT = 30  # seconds the arm (or lock refresh) step may take on the host
+
+
 def arm_timer_script(run_id: str, previous: str, seconds: int,
                      owner: LockOwner | None = None) -> str:  # fmt: skip
     """(Re-)schedule the rollback to `previous` in `seconds`; the old timer of this run goes.

@@ -45,6 +45,8 @@ class HostRun:
     success_record: str | None = None  # the end's line if it verifies (sent with the cancel)
     warnings: list[str] = field(default_factory=list)
     changes: preview.Changes | None = None  # what the switch will change (the preview)
+    armed_ahead: float | None = None  # the dead-man timer armed in the preview's round trip
+    commands_before: int = 0  # remote commands on this host's earlier (closed) connections
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -58,8 +60,7 @@ class HostRun:
             transport = self.remote.conn.client.get_transport()
             if transport is not None and transport.is_active():
                 return self.remote
-            self.remote.close()
-            self.remote = None
+            self.close()
         self.remote = Remote(self.endpoint).open()
         return self.remote
 
@@ -73,8 +74,15 @@ class HostRun:
 
     def close(self) -> None:
         if self.remote is not None:
+            self.commands_before += self.remote.commands
             self.remote.close()
             self.remote = None
+
+    @property
+    def remote_commands(self) -> int:
+        """Commands rebuild ran on the host over its own connections (each one round trip);
+        nixos-rebuild's and `nix copy`'s own SSH sessions are not counted."""
+        return self.commands_before + (self.remote.commands if self.remote is not None else 0)
 
 
 def endpoint_for(loaded: Loaded, target: Target, sudo_password: str | None = None) -> Endpoint:

@@ -121,7 +121,14 @@ def release_remote_lock(hr: HostRun) -> None:
     if not hr.remote_locked:
         return
     try:
-        result = hr.run(hostops.release_script(hr.run_id, hr.final_record), timeout=20)
+        if hr.armed_ahead is not None:  # the deploy never started: take its timer back too
+            script = hostops.cancel_timer_script(hr.run_id, hr.final_record or "")
+            result = hr.run(script, timeout=20)
+            if not hostops.parse_released(result.stdout):
+                raise RebuildError(f"{hr.name}: the dead-man timer armed ahead would not stop")
+            hr.armed_ahead = None
+        else:
+            result = hr.run(hostops.release_script(hr.run_id, hr.final_record), timeout=20)
         hr.remote_locked = False
         if hostops.record_failed(result.stdout):
             hr.warnings.append(f"could not note the result in {hostops.DEPLOY_LOG} on the host")

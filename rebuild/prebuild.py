@@ -9,11 +9,12 @@ import os
 import threading
 import time
 
-from rebuild import nixos, preview, process
+from rebuild import hostops, nixos, preview, process
 from rebuild.console import Console
 from rebuild.errors import BuildFailed, Declined, RebuildError
 from rebuild.hostrun import NIX_EVAL_TIMEOUT, HostRun, child_env, expected_system
 from rebuild.inventory import Loaded
+from rebuild.remote import RemoteResult
 
 BUILD_TIMEOUT = 3600
 COPY_TIMEOUT = 3600
@@ -93,10 +94,24 @@ def copy(hr: HostRun, loaded: Loaded, path: str, console: Console,
         raise BuildFailed(f"{hr.name}: cannot copy the new system to the host: {tail}")
 
 
-def ask(hr: HostRun, path: str) -> preview.Changes:
-    """What the switch will change, from the host's own tools (one round trip, as root)."""
+def ask(hr: HostRun, path: str, arm: str | None = None
+        ) -> tuple[preview.Changes, RemoteResult | None]:  # fmt: skip
+    """What the switch will change, from the host's own tools (one round trip, as root). With
+    `arm` (no prompt follows), the same round trip arms the dead-man timer last: its answer
+    comes back too (None: it did not run, or its answer was lost)."""
+    script = preview.script(path)
+    if arm is not None:
+        script += f"echo '{ARM_MARK}'\n( {arm.strip()}\n) 2>&1; echo \"{ARM_MARK} rc $?\"\n"
     try:
-        result = hr.run(preview.script(path), timeout=PREVIEW_TIMEOUT)
+        result = hr.run(script, timeout=PREVIEW_TIMEOUT + (hostops.ARM_TIMEOUT if arm else 0))
     except RebuildError as exc:
-        return preview.Changes(problems=(f"the host did not answer the preview: {exc}",))
-    return preview.parse(result.stdout, path)
+        return preview.Changes(problems=(f"the host did not answer the preview: {exc}",)), None
+    shown, found, armed = result.stdout.partition(f"{ARM_MARK}\n")
+    answer, found_rc, rc = armed.rpartition(f"{ARM_MARK} rc ")
+    arm_result = None
+    if found and found_rc and rc.strip().isdigit():
+        arm_result = RemoteResult(int(rc.strip()), answer, "")
+    return preview.parse(shown, path), arm_result
+
+
+ARM_MARK = "@@rebuild-arm@@"

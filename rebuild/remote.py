@@ -7,6 +7,7 @@ import io
 import logging
 import shlex
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,8 @@ class Remote:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        self.commands = 0  # remote commands run (each one round trip on this connection)
+        self._count_lock = threading.Lock()
         # lazy: no /etc/fabric.yml, ~/.fabric.yaml or ~/.fabric.py (code!) is read; no ssh_config
         config = Config(
             overrides={"load_ssh_configs": False, "run": {"in_stream": False}}, lazy=True
@@ -282,6 +285,8 @@ class Remote:
     def _exec(self, command: str, stdin: io.StringIO | bool, timeout: float) -> RemoteResult:
         """One remote command; a timeout, a lost connection or a missing exit status is a
         RemoteError."""
+        with self._count_lock:  # the heartbeat thread runs commands too
+            self.commands += 1
         try:
             result = self.conn.run(
                 command, hide=True, warn=True, in_stream=stdin, timeout=timeout, pty=False

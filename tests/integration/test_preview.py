@@ -6,11 +6,17 @@ the sources); and the deploy's cost in evaluations, read from the stand-ins' log
 from __future__ import annotations
 
 import json
+import os
+import time
 from typing import Any
 
 import pexpect
 import pytest
 
+from rebuild import hostops, identity, inventory, prebuild
+from rebuild.driver import arm_script
+from rebuild.hostrun import HostRun, endpoint_for
+from rebuild.locks import release_remote_lock, remote_lock
 from testbed import Testbed
 from tests.integration.conftest import Deployment, config, make_deployment
 
@@ -233,3 +239,65 @@ class TestEvaluations:
         done = d.invoke("rebuild", "--host", "vps", "--yes", "--allow-dirty")
         assert done.returncode == 0, done.stdout + done.stderr
         assert len(full_evaluations(testbed, since)) == 2
+
+
+class TestRoundTrips:
+    """How many commands a deploy runs over rebuild's own connection (`remote_commands` in the
+    audit record), and when the dead-man timer starts: never while an operator reads the
+    preview; with --yes in the preview's own round trip."""
+
+    @pytest.mark.parametrize("preview", [True, False], ids=["preview", "no-preview"])
+    def test_a_one_host_deploy_with_yes_makes_four(self, testbed: Testbed, preview: bool) -> None:
+        """lock, preview + arm (or arm alone), verification + re-arm, cancel + release."""
+        d = prepared(testbed)
+        args = ["rebuild", "--host", "vps", "--yes"] + ([] if preview else ["--no-preview"])
+        done = d.invoke(*args)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "dead-man timer armed" in done.stdout + done.stderr
+        record = d.records()[-1]
+        assert record["remote_commands"] == 4, record
+        assert not [t for t, sub in d.host.timers().items() if sub == "waiting"]
+
+    def test_at_a_prompt_the_timer_starts_after_the_answer(self, testbed: Testbed) -> None:
+        """At a real terminal: no timer while the preview and the prompt are shown; `y` arms
+        it (one more round trip than with --yes) and the deploy verifies and cancels it."""
+        d = prepared(testbed)
+        argv = d.argv("rebuild", "--host", "vps", "--json")
+        child = pexpect.spawn(argv[0], argv[1:], env=d.env(), encoding="utf-8", timeout=120)
+        child.expect_exact(f"Deploy vps ({d.host.address})? [y/N] ")
+        assert d.host.timers() == {}
+        child.sendline("y")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+        assert d.records()[-1]["remote_commands"] == 5
+        assert not [t for t, sub in d.host.timers().items() if sub == "waiting"]
+
+    def test_a_timer_armed_ahead_is_taken_back_if_the_deploy_never_starts(
+        self, testbed: Testbed
+    ) -> None:
+        """The release of a run that armed its timer in the preview's round trip and then
+        stopped (Ctrl-C before the rollout) stops that timer, then releases the lock."""
+        d = prepared(testbed)
+        loaded = inventory.load(str(d.inventory), environ=d.env())
+        target = loaded.target("vps")
+        hr = HostRun(target, endpoint_for(loaded, target), "switch", "20261130-120000-a1b2c3")
+        owner = hostops.LockOwner(
+            run_id=hr.run_id, operator="test", hostname="here", machine_id="m" * 32,
+            pid=os.getpid(), since=time.time(),
+        )  # fmt: skip
+        try:
+            remote_lock(hr, owner, identity.current(), break_lock=False, stale_after=3600)
+            assert hr.remote_locked and hr.previous == d.host.current_system()
+            arm = arm_script(hr, 90)
+            _, armed = prebuild.ask(hr, hr.previous, arm)
+            assert armed is not None and armed.ok, armed
+            assert list(d.host.timers().values()) == ["waiting"]
+            hr.armed_ahead = time.monotonic()
+            release_remote_lock(hr)
+            assert not hr.remote_locked and hr.armed_ahead is None
+            assert not [t for t, sub in d.host.timers().items() if sub == "waiting"]
+            assert not (d.host.root / hostops.LOCK_DIR.lstrip("/")).exists()
+            assert hr.remote_commands == 3  # lock, preview + arm, cancel + release
+        finally:
+            hr.close()

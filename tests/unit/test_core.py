@@ -55,6 +55,7 @@ DRY = dataclasses.replace(SWITCH, action="dry-activate")
 UNKNOWN_PREVIOUS = dataclasses.replace(SWITCH, previous=None)
 REBOOT = dataclasses.replace(SWITCH, reboot=True)
 REBOOT_BOOT = dataclasses.replace(BOOT, reboot=True)
+ARMED_AHEAD = dataclasses.replace(SWITCH, armed_at=10.0)
 
 
 def report(current: str | None = NEW, *, ok: bool = True, reachable: bool = True) -> Report:
@@ -103,6 +104,14 @@ TABLE = (
           (ARMED, RebuildExited(0), R_GOOD, GONE_NEW),
           (ArmTimer(), RUN, REVERIFY, FINISH),
           Result.OK, NEW, said=("dead-man timer armed",)),
+    Path_("healthy, the timer armed ahead (in the preview's round trip)", ARMED_AHEAD,
+          (RebuildExited(0), R_GOOD, GONE_NEW), (RUN, REVERIFY, FINISH),
+          Result.OK, NEW, said=("dead-man timer armed",)),
+    Path_("armed ahead, but no timer wanted: ignored", dataclasses.replace(NO_TIMER, armed_at=1.0),
+          (RebuildExited(0), GOOD), (RUN_PLAIN, VERIFY), Result.OK, NEW),
+    Path_("armed ahead, Ctrl-C before nixos-rebuild: the timer is taken back", ARMED_AHEAD,
+          (Interrupt(), GONE_PREV), (RUN, CancelTimer()),
+          Result.DECLINED, PREV, ("before anything changed",)),
     Path_("healthy, timer off (rollback_timeout = 0)", NO_TIMER,
           (RebuildExited(0), GOOD), (RUN_PLAIN, VERIFY), Result.OK, NEW),
     Path_("healthy, --no-rollback (no timer)", NO_ROLLBACK,
