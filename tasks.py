@@ -73,10 +73,10 @@ def _need(host: str) -> None:
 def _guard(json_mode: bool, body: Callable[[], int]) -> None:
     """Run a task body: errors become one line and an exit code, never a traceback."""
     _bash()
-    from rebuild.audit import configure_logging
+    from rebuild import logs
     from rebuild.errors import Declined, RebuildError
 
-    configure_logging(json_output=json_mode)
+    logs.configure(json_output=json_mode)
     try:
         code = body()
     except RebuildError as exc:

@@ -1,4 +1,4 @@
-"""The audit trail (one JSON line per host per run) and structlog set-up."""
+"""The audit trail (one JSON line per host per run)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,13 @@ import datetime as dt
 import errno
 import fcntl
 import json
-import logging
 import os
 import secrets
 import stat
-import sys
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import structlog
 
 from rebuild.errors import ConfigError, GateRefused
 from rebuild.results import Result
@@ -192,41 +188,6 @@ def redact_value(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact_value(v) for v in value]
     return value
-
-
-def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: no secret-looking key ever reaches a log line."""
-    for key in list(event_dict):
-        if is_secret_key(key):
-            event_dict[key] = "[redacted]"
-    return event_dict
-
-
-def configure_logging(*, json_output: bool, verbose: bool = False) -> None:
-    """Logs go to stderr: human lines on a terminal, JSON lines with --json."""
-    level = logging.DEBUG if verbose else logging.INFO
-    renderer: Any
-    if json_output:
-        renderer = structlog.processors.JSONRenderer()
-    else:
-        colors = sys.stderr.isatty() and "NO_COLOR" not in os.environ
-        # plain tracebacks: rich's (the default when rich is installed) prints local
-        # variables, and a local may hold a sudo password
-        renderer = structlog.dev.ConsoleRenderer(
-            colors=colors, exception_formatter=structlog.dev.plain_traceback
-        )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
 
 
 def iter_summary(records: list[dict[str, Any]]) -> Iterator[str]:

@@ -14,9 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
-import structlog
-
-from rebuild import audit, gitstate, hooks, hostops, identity, nixos, prebuild, preview
+from rebuild import audit, gitstate, hooks, hostops, identity, logs, nixos, prebuild, preview
 from rebuild import sudo_keyring as sudo_secrets
 from rebuild.console import Console
 from rebuild.core import Outcome, Setup, TimerArmed
@@ -48,8 +46,6 @@ from rebuild.plan import HostPlan, Plan, batches, check_names, render_plan
 from rebuild.progress import Progress
 from rebuild.results import Result, most_severe
 from rebuild.verify import Check, Report
-
-log = structlog.get_logger("rebuild")
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ def rebuild(loaded: Loaded, targets: list[Target], opts: Options, console: Conso
                 run.run_id)
         for target in targets
     ]  # fmt: skip
-    structlog.contextvars.bind_contextvars(run_id=run.run_id)
+    logs.bind(run_id=run.run_id)
     if os.environ.get("NIX_SSHOPTS"):
         console.notice(
             "warning: NIX_SSHOPTS from the environment is ignored: rebuild sets nixos-rebuild's "
@@ -352,7 +348,7 @@ def finish(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
     if opts.json:
         for hr in runs:
             console.json(host_json(hr))
-    structlog.contextvars.clear_contextvars()
+    logs.clear()
     return audited
 
 
@@ -406,7 +402,7 @@ def attach_sudo_password(hr: HostRun) -> None:
     try:
         password = sudo_secrets.get(hr.target)
     except sudo_secrets.KeyringUnavailable:
-        log.debug("no keyring backend; assuming passwordless sudo", host=hr.name)
+        logs.debug("no keyring backend; assuming passwordless sudo", host=hr.name)
         hr.endpoint = replace(hr.endpoint, keyring_available=False)
         return
     if password is not None:
@@ -520,7 +516,7 @@ def deploy_one(run: Run, hr: HostRun, loaded: Loaded, opts: Options, console: Co
     try:
         hr.outcome = deploy.run()
     except Exception as exc:
-        log.exception("internal error", host=hr.name)
+        logs.exception("internal error", host=hr.name)
         hr.outcome = Outcome(
             Result.ERROR, f"{hr.name}: internal error: {type(exc).__name__}: {exc}"
         )

@@ -17,9 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import structlog
-
-from rebuild import audit, core, facts, hostops, process
+from rebuild import audit, core, facts, hostops, logs, process
 from rebuild.console import Console
 from rebuild.errors import GateRefused, RebuildError
 from rebuild.hostrun import HostRun, child_env, current_system, run_dir, verify_host
@@ -28,8 +26,6 @@ from rebuild.inventory import Loaded
 from rebuild.remote import RemoteResult, sudo_problem
 from rebuild.results import Result
 from rebuild.verify import Report, run_checks
-
-log = structlog.get_logger("rebuild")
 
 RECONNECT_INTERVAL = 2.0
 REBOOT_GRACE = 3.0  # seconds before asking a rebooting host again
@@ -74,7 +70,7 @@ class Deploy:
                 return action
             self.console.phase(self.hr.name, *self._label(action))
             seen = core.Interrupt() if self.cancel.is_set() else self._timed(action)
-            log.debug("step", host=self.hr.name, action=type(action).__name__,
+            logs.debug("step", host=self.hr.name, action=type(action).__name__,
                       seen=type(seen).__name__)  # fmt: skip
             decision = core.step(self.setup, decision.state, seen)
         return core.Outcome(Result.ERROR, f"{self.hr.name}: internal error: no outcome")
@@ -287,7 +283,7 @@ def run_nixos_rebuild(
     stored; returns what it did and, when it failed, why (for the operator)."""
     env = child_env(loaded, hr.target)
     env["GIT_TERMINAL_PROMPT"] = "0"  # git (fetching a flake input) never asks on the terminal
-    log.debug("running nixos-rebuild", host=hr.name, command=hr.command)
+    logs.debug("running nixos-rebuild", host=hr.name, command=hr.command)
     password = hr.endpoint.sudo_password
     responder = None
     if password is not None and hr.target.settings.sudo and hr.action != "build":

@@ -9,13 +9,9 @@ import os
 import time
 from pathlib import Path
 
-import structlog
-
-from rebuild import audit, hostops, identity
+from rebuild import audit, hostops, identity, logs
 from rebuild.errors import GateRefused, RebuildError, RemoteError
 from rebuild.hostrun import HostRun
-
-log = structlog.get_logger("rebuild")
 
 
 def take_local_lock(state_dir: Path, host: str, run_id: str) -> int:
@@ -133,4 +129,4 @@ def release_remote_lock(hr: HostRun) -> None:
         if hostops.record_failed(result.stdout):
             hr.warnings.append(f"could not note the result in {hostops.DEPLOY_LOG} on the host")
     except RebuildError as exc:
-        log.warning("could not release the host lock", host=hr.name, error=str(exc))
+        logs.warning("could not release the host lock", host=hr.name, error=str(exc))

@@ -18,10 +18,10 @@ from rebuild.audit import (
     iter_summary,
     new_run_id,
     read,
-    redact,
     redact_value,
 )
 from rebuild.errors import ConfigError, GateRefused
+from rebuild.logs import redact
 from rebuild.verify import Check
 
 CONTRACT_FIELDS = {
