@@ -1,4 +1,4 @@
-"""Run the benchmarks: `.venv/bin/python -m benchmarks [--only fleet|verify|status|preview]
+"""Run the benchmarks: `.venv/bin/python -m benchmarks [--only fleet|verify|status|preview|startup]
 [--hosts N]`.
 """
 
@@ -10,14 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import fleet, preview, status, verification
+from benchmarks import fleet, preview, startup, status, verification
 from benchmarks.bed import require_tools
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument(
-        "--only", choices=("fleet", "verify", "status", "preview"), help="run one benchmark only"
+        "--only",
+        choices=("fleet", "verify", "status", "preview", "startup"),
+        help="run one benchmark only",
     )
     parser.add_argument("--hosts", type=int, default=20, help="fleet size (default 20)")
     parser.add_argument(
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     out: dict[str, object] = {}
     reports = []
+    if args.only in (None, "startup"):
+        st = startup.run(max(args.reps, 5), say=say)
+        out["startup"] = st
+        reports.append(startup.report(st))
     if args.only in (None, "verify"):
         v = verification.run(reps=max(args.reps, 3), say=say)
         out["verification"] = v

@@ -180,12 +180,20 @@ def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> Non
     builders = [builder_endpoint(loaded, hr.target) for hr in runs]
     host_key_gate([hr.endpoint for hr in runs] + [b for b in builders if b is not None])
     terminal_gate(yes=opts.yes, dry_run=opts.dry_run)
-    if not opts.rollback_generation:
-        evaluated = [hr for hr in runs if not previews(hr, opts)]  # the others build ahead
-        with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-            paths = list(pool.map(lambda h: expected_for(loaded, h, run.flake), evaluated))
-        for hr, path in zip(evaluated, paths, strict=True):
-            hr.expected = path
+    if not opts.dry_run or any(previews(hr, opts) for hr in runs):  # `lock` follows
+        for hr in runs:  # this machine's locks first: a refusal here touches no host
+            hr.local_lock = take_local_lock(loaded.audit_log.parent, hr.name, run.run_id)
+    # the connections open while the new systems are evaluated here (the lock uses them)
+    reached = [hr for hr in runs if not opts.dry_run or previews(hr, opts)]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(reached), opts.jobs))) as connecting:
+        for hr in reached:
+            connecting.submit(hr.connect_ahead)
+        if not opts.rollback_generation:
+            evaluated = [hr for hr in runs if not previews(hr, opts)]  # the others build ahead
+            with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+                paths = list(pool.map(lambda h: expected_for(loaded, h, run.flake), evaluated))
+            for hr, path in zip(evaluated, paths, strict=True):
+                hr.expected = path
 
 
 def expected_for(loaded: Loaded, hr: HostRun, flake: str) -> str:
@@ -254,10 +262,8 @@ def audit_gate(run: Run, loaded: Loaded) -> None:
 
 
 def lock(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> None:
-    """Every host's lock, here and on the host (learning what each runs), or none."""
-    state_dir = loaded.audit_log.parent
-    for hr in runs:
-        hr.local_lock = take_local_lock(state_dir, hr.name, run.run_id)
+    """Every host's lock on the host (learning what each runs), or none (the local locks were
+    taken in `prepare`)."""
     owner = hostops.LockOwner(
         run_id=run.run_id, operator=run.operator, hostname=run.me.hostname,
         machine_id=run.me.machine_id, pid=os.getpid(), since=time.time(),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rebuild import facts, hostops, nixos, preview, process
 from rebuild.core import Outcome
-from rebuild.errors import BuildFailed, ConfigError, GateRefused
+from rebuild.errors import BuildFailed, ConfigError, GateRefused, RebuildError
 from rebuild.inventory import Loaded, Target
 from rebuild.remote import Endpoint, Remote, RemoteResult
 from rebuild.verify import Report, run_checks
@@ -47,6 +47,7 @@ class HostRun:
     changes: preview.Changes | None = None  # what the switch will change (the preview)
     armed_ahead: float | None = None  # the dead-man timer armed in the preview's round trip
     commands_before: int = 0  # remote commands on this host's earlier (closed) connections
+    connect_error: RebuildError | None = None  # from connect_ahead, raised by the next command
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -54,8 +55,20 @@ class HostRun:
     def name(self) -> str:
         return self.target.name
 
+    def connect_ahead(self) -> None:
+        """Open the connection now (from a worker thread, while local work runs); a failure
+        is kept and raised by the next command, so an unreachable host is not waited for
+        twice."""
+        try:
+            self.connection()
+        except RebuildError as exc:
+            self.connect_error = exc
+
     def connection(self) -> Remote:
         """The host's one connection, reopened if it died."""
+        if self.connect_error is not None:
+            error, self.connect_error = self.connect_error, None
+            raise error
         if self.remote is not None:
             transport = self.remote.conn.client.get_transport()
             if transport is not None and transport.is_active():
