@@ -120,9 +120,10 @@ def run_hosts(
     try:
         prepare(run, runs, loaded, opts)
         previewed = [hr for hr in runs if previews(hr, opts)]
+        arming = arms_ahead(runs, opts, loaded)
         if not opts.dry_run or previewed:
-            lock(run, runs, loaded, opts)
-        build_ahead(run, previewed, loaded, opts, console, cancel, arms_ahead(runs, opts, loaded))
+            lock(run, runs, loaded, opts, arming.difference(hr.name for hr in previewed))
+        build_ahead(run, previewed, loaded, opts, console, cancel, arming)
         plan = make_plan(run, runs, opts, run.flake or loaded.flake)
         console.say(render_plan(plan))
         if opts.dry_run:
@@ -227,7 +228,7 @@ def build_ahead(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
         hr.expected = prebuild.build(hr, loaded, run.flake, console, cancel)
         prebuild.copy(hr, loaded, hr.expected, console, cancel)
         seconds = hr.target.settings.rollback_timeout
-        arm = arm_script(hr, seconds) if hr.name in arming else None
+        arm = arm_script(hr, seconds) if hr.name in arming and hr.previous else None
         hr.changes, armed = prebuild.ask(hr, hr.expected, arm)
         if armed is not None:
             with contextlib.suppress(RebuildError):  # not armed: the deploy arms it itself
@@ -244,12 +245,15 @@ def build_ahead(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
 
 
 def arms_ahead(runs: list[HostRun], opts: Options, loaded: Loaded) -> frozenset[str]:
-    """The host whose dead-man timer is armed in the preview's round trip: one host, and no
-    prompt follows (--yes), so its deploy starts right after it. In a fleet the other hosts'
-    builds could outlast the timer, so every host there arms it when its deploy starts."""
-    if not opts.yes or opts.dry_run or len(runs) != 1:
+    """The host whose dead-man timer is armed ahead, in the last round trip before its
+    deploy (the preview's, else the lock's, which also reads the system to restore): one
+    host, and no prompt follows (--yes). In a fleet the other hosts' builds could outlast the
+    timer, so every host there arms it when its deploy starts."""
+    if not opts.yes or opts.dry_run or opts.rollback_generation or len(runs) != 1:
         return frozenset()
-    return frozenset(hr.name for hr in runs if setup_for(hr, opts, loaded).timer)
+    # the previous system is read in that same round trip: here only the rest must hold
+    wanted = [replace(setup_for(hr, opts, loaded), previous="(read then)") for hr in runs]
+    return frozenset(setup.host for setup in wanted if setup.timer)
 
 
 def audit_gate(run: Run, loaded: Loaded) -> None:
@@ -261,9 +265,11 @@ def audit_gate(run: Run, loaded: Loaded) -> None:
         raise
 
 
-def lock(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> None:
+def lock(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options,
+         arming: frozenset[str] = frozenset()) -> None:  # fmt: skip
     """Every host's lock on the host (learning what each runs), or none (the local locks were
-    taken in `prepare`)."""
+    taken in `prepare`); the hosts in `arming` get their dead-man timer in the same round
+    trip."""
     owner = hostops.LockOwner(
         run_id=run.run_id, operator=run.operator, hostname=run.me.hostname,
         machine_id=run.me.machine_id, pid=os.getpid(), since=time.time(),
@@ -272,8 +278,11 @@ def lock(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> None:
         hr.start_record = host_record(run, hr, hr.expected, "started")
     errors = _parallel(
         runs,
-        lambda hr: remote_lock(hr, owner, run.me, break_lock=opts.break_lock,
-                               stale_after=loaded.inventory.lock_stale_after),
+        lambda hr: remote_lock(
+            hr, owner, run.me, break_lock=opts.break_lock,
+            stale_after=loaded.inventory.lock_stale_after,
+            arm=hr.target.settings.rollback_timeout if hr.name in arming else None,
+        ),
         opts.jobs,
     )  # fmt: skip
     refused = [e for e in errors if e is not None]

@@ -88,11 +88,23 @@ def _append_record(line: str) -> str:
     )
 
 
-def acquire_script(owner: LockOwner, record: str | None = None, *, trust: bool = False) -> str:
+def acquire_script(owner: LockOwner, record: str | None = None, *, trust: bool = False,
+                   arm: int | None = None) -> str:  # fmt: skip
     """Take the lock atomically (mkdir), note the deploy in the host's own log, and report the
     systems (and, with `trust`, whether the SSH user may copy unsigned paths to the host's
-    Nix), in one round trip."""
+    Nix), in one round trip. With `arm` (seconds), once the lock is taken the dead-man timer
+    is armed to restore the system just read (the `arm` section: the arm step's answer and
+    its exit status)."""
     note = f"\n  {_append_record(record)}" if record else ""
+    cur = '"$cur"'  # the system just read, as a shell word
+    arming = (
+        f"echo '{MARK} arm'\n"
+        'case "$acquired$cur" in yes/*)\n'
+        f"  ( {_arm(owner.run_id, cur, arm, owner).strip()}\n  ) 2>&1; "
+        f'echo "{MARK} arm-rc $?";;\nesac\n'
+        if arm is not None
+        else ""
+    )
     trusted = (
         f"echo '{MARK} trust'; u=${{SUDO_USER:-$(id -un 2>/dev/null)}}; echo \"$u\"; "
         'id -Gn "$u" 2>/dev/null; echo; '  # the SSH user's, also when this runs under sudo
@@ -102,18 +114,32 @@ def acquire_script(owner: LockOwner, record: str | None = None, *, trust: bool =
         else ""
     )
     return f"""\
+acquired=no
 echo '{MARK} lock'
 if err=$(LC_ALL=C mkdir {LOCK_DIR} 2>&1); then
-  printf '%s\\n' {quote(owner.to_json())} | tee {LOCK_DIR}/owner >/dev/null && echo acquired{note}
+  printf '%s\\n' {quote(owner.to_json())} | tee {LOCK_DIR}/owner >/dev/null && echo acquired \\
+    && acquired=yes{note}
 elif ls -d {LOCK_DIR} >/dev/null 2>&1; then
   echo held; cat {LOCK_DIR}/owner 2>/dev/null; echo
 else
   echo "error $err"
 fi
-echo '{MARK} current'; readlink -f {CURRENT_SYSTEM} 2>/dev/null
+cur=$(readlink -f {CURRENT_SYSTEM} 2>/dev/null)
+echo '{MARK} current'; printf '%s\\n' "$cur"
 echo '{MARK} profile'; readlink -f {SYSTEM_PROFILE} 2>/dev/null
-{trusted}echo '{MARK} end'
+{trusted}{arming}echo '{MARK} end'
 """
+
+
+def parse_lock_arm(output: str) -> tuple[int, str] | None:
+    """The `arm` section of `acquire_script(arm=...)`: the arm step's exit status and answer;
+    None when it did not run (the lock was not taken, or no system was read)."""
+    _, found, rest = output.partition(f"{MARK} arm\n")
+    body, found_rc, tail = rest.partition(f"{MARK} arm-rc ")
+    code = tail.split("\n", 1)[0].strip()
+    if not found or not found_rc or not code.isdigit():
+        return None
+    return int(code), body
 
 
 @dataclass(frozen=True)
@@ -222,8 +248,12 @@ def arm_timer_script(run_id: str, previous: str, seconds: int,
                      owner: LockOwner | None = None) -> str:  # fmt: skip
     """(Re-)schedule the rollback to `previous` in `seconds`; the old timer of this run goes.
     With `owner`, the lock is refreshed first (and nothing is armed if it is lost)."""
+    return _arm(run_id, quote(previous), seconds, owner)
+
+
+def _arm(run_id: str, previous: str, seconds: int, owner: LockOwner | None) -> str:
+    """`arm_timer_script` for `previous` given as a shell word."""
     unit = timer_unit(run_id)
-    restore = restore_command(previous)
     # A timer that already fired is left alone (`fired`): the caller must learn that the host
     # restored itself, and re-arming it would roll back once more later. A run whose lock was
     # broken by another run arms nothing (`lock-lost` and the new holder).
@@ -240,8 +270,8 @@ def arm_timer_script(run_id: str, previous: str, seconds: int,
         "in *=elapsed) echo fired; exit 0;; esac; "
         f"systemctl stop {quote(unit + '.timer')} {quote(unit + '.service')} 2>/dev/null; "
         f"systemd-run --on-active={seconds}s --unit={quote(unit)} --collect "
-        f"--description={quote('rebuild dead-man rollback to ' + previous)} "
-        f'--setenv=PATH="$PATH" -- /bin/sh -c {quote(restore)}\n'
+        f"--description={quote('rebuild dead-man rollback to ')}{previous} "
+        f'--setenv=PATH="$PATH" -- /bin/sh -c {quote(TIMER_RESTORE)} rebuild-restore {previous}\n'
     )
 
 
@@ -318,13 +348,23 @@ def restore_command(previous: str) -> str:
     /run/nixos/switch-to-configuration.lock and exits 11, EAGAIN, "Could not acquire lock",
     for a second one: switch-to-configuration-ng's main.rs), then set the profile and switch,
     trying again while another switch holds the lock."""
-    activate = quote(previous + "/bin/switch-to-configuration")
+    return _restore(quote(previous))
+
+
+def _restore(previous: str) -> str:
+    """`restore_command` for `previous` given as a shell word (quoted path, or `"$1"`)."""
     return (
         f"i=0; while [ $i -lt {RESTORE_TRIES} ]; do i=$((i+1)); "
         f"flock -w {SWITCH_WAIT} {SWITCH_LOCK} true 2>/dev/null; "
-        f"nix-env -p {SYSTEM_PROFILE} --set {quote(previous)} && {activate} switch; rc=$?; "
+        f"nix-env -p {SYSTEM_PROFILE} --set {previous} && "
+        f"{previous}/bin/switch-to-configuration switch; rc=$?; "
         '[ "$rc" -eq 11 ] || exit "$rc"; sleep 2; done; exit 11'
     )
+
+
+# The timer's command: the restore reads the previous system from its first argument, so that
+# the lock step can arm it with the system it has just read (`acquire_script(arm=...)`).
+TIMER_RESTORE = _restore('"$1"')
 
 
 def rollback_now_script(run_id: str, previous: str) -> str:

@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 from rebuild import audit, hostops, identity, logs
+from rebuild.core import TimerArmed
+from rebuild.driver import arm_answer
 from rebuild.errors import GateRefused, RebuildError, RemoteError
 from rebuild.hostrun import HostRun
+from rebuild.remote import RemoteResult
 
 
 def take_local_lock(state_dir: Path, host: str, run_id: str) -> int:
@@ -52,20 +55,21 @@ def pid_alive(pid: int) -> bool:
 
 
 def remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
-                break_lock: bool, stale_after: float) -> None:  # fmt: skip
+                break_lock: bool, stale_after: float, arm: int | None = None) -> None:  # fmt: skip
     """Take the host's lock (and learn what it runs); a held lock refuses, naming the holder.
-    Nothing has changed yet, so a host that does not answer is a refusal too."""
+    Nothing has changed yet, so a host that does not answer is a refusal too. With `arm`
+    (seconds), the same round trip arms the dead-man timer (`hr.armed_ahead`)."""
     try:
-        _take_remote_lock(hr, owner, me, break_lock=break_lock, stale_after=stale_after)
+        _take_remote_lock(hr, owner, me, break_lock=break_lock, stale_after=stale_after, arm=arm)
     except RemoteError as exc:
         raise GateRefused(f"{exc}; nothing was changed") from None
 
 
 def _take_remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identity, *,
-                      break_lock: bool, stale_after: float) -> None:  # fmt: skip
+                      break_lock: bool, stale_after: float, arm: int | None) -> None:  # fmt: skip
     spec = hr.target.settings
     copies = spec.user != "root" and spec.build_host != "target" and hr.action != "build"
-    script = hostops.acquire_script(owner, hr.start_record, trust=copies)
+    script = hostops.acquire_script(owner, hr.start_record, trust=copies, arm=arm)
     output = hr.run(script, timeout=30).stdout
     answer = hostops.parse_acquire(output)
     if not answer.acquired and answer.holder is not None and break_lock:
@@ -91,6 +95,12 @@ def _take_remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identi
             hr.warnings.append(f"could not note the deploy in {hostops.DEPLOY_LOG} on the host")
         hr.remote_locked = True
         hr.lock_owner = owner
+        hr.previous = answer.current_system
+        armed = hostops.parse_lock_arm(output)
+        if armed is not None:  # a timer that did not arm is armed again by the deploy
+            with contextlib.suppress(RebuildError):
+                seen = arm_answer(hr, RemoteResult(*armed, ""), time.monotonic())
+                hr.armed_ahead = seen.at if isinstance(seen, TimerArmed) else None
         trust = hostops.parse_trust(output)
         if trust is not None and trust.trusted is False:
             raise GateRefused(
@@ -100,7 +110,6 @@ def _take_remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identi
                 ']; to the host\'s configuration, or build on the host (build_host = "target"), '
                 "or deploy as root"
             )
-        hr.previous = answer.current_system
         return
     if answer.holder is not None:
         raise GateRefused(

@@ -139,6 +139,12 @@ class TestPasswordlessSudo:
         assert done.returncode == 3, done.stdout + done.stderr
         assert "not a trusted Nix user" in done.stderr and "trusted-users" in done.stderr
         assert d.nixos_rebuild_calls() == []
+        # without the preview the lock step also arms the dead-man timer: taken back
+        done = d.invoke("rebuild", "--host", "vps", "--yes", "--no-preview", **env)
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert "not a trusted Nix user" in done.stderr and no_waiting_timer(d)
+        assert not (d.host.root / "run" / "rebuild-lock").exists()
+        assert d.nixos_rebuild_calls() == []
         nix.write_text(f"#!/bin/sh\necho root {user}\n")
         done = d.invoke("rebuild", "--host", "vps", "--yes", **env)
         assert done.returncode == 0, done.stdout + done.stderr

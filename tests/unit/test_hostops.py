@@ -12,6 +12,7 @@ import pytest
 
 from rebuild import hostops
 from rebuild.hostops import (
+    TIMER_RESTORE,
     LockOwner,
     acquire_script,
     arm_timer_script,
@@ -22,6 +23,7 @@ from rebuild.hostops import (
     parse_acquire,
     parse_cancel,
     parse_generations,
+    parse_lock_arm,
     parse_lock_lost,
     parse_owner,
     parse_reboot_check,
@@ -248,8 +250,7 @@ class TestDeadManTimer:
         assert f"--unit={unit}" in run
         assert f"--description=rebuild dead-man rollback to {PREVIOUS}" in run
         sep = run.index("--")
-        assert run[sep + 1 : sep + 3] == ["/bin/sh", "-c"]
-        assert run[sep + 3] == restore_command(PREVIOUS)
+        assert run[sep + 1 :] == ["/bin/sh", "-c", TIMER_RESTORE, "rebuild-restore", PREVIOUS]
 
     def test_restore_command_really_restores(self, host: Path) -> None:
         """The command the timer runs sets the profile, then activates the previous system."""
@@ -260,13 +261,37 @@ class TestDeadManTimer:
         activate.chmod(0o755)
         take_lock(host)
         sh(host, arm_timer_script(RUN_ID, str(previous), 30))
-        restore = calls(host)[2][-1]
+        run = calls(host)[2]
         (host / "calls.log").unlink()
-        sh(host, restore)
+        sh(host, shlex.join(run[run.index("--") + 1 :]))  # what the timer's service runs
         assert calls(host) == [
             ["nix-env", "-p", "/nix/var/nix/profiles/system", "--set", str(previous)],
             ["switch-to-configuration", "switch"],
         ]
+
+    def test_the_lock_step_arms_the_timer_for_the_system_it_read(self, host: Path) -> None:
+        """With `arm`, the lock's round trip arms the timer to restore the system it has just
+        read, and reports the arm step's answer."""
+        out = sh(host, acquire_script(ME, arm=90))
+        assert parse_acquire(out).acquired and parse_acquire(out).current_system == SYSTEM
+        assert parse_lock_arm(out) == (0, "")
+        run = calls(host)[-1]
+        assert run[0] == "systemd-run" and "--on-active=90s" in run
+        assert f"--description=rebuild dead-man rollback to {SYSTEM}" in run
+        assert run[run.index("--") + 1 :] == [
+            "/bin/sh", "-c", TIMER_RESTORE, "rebuild-restore", SYSTEM]  # fmt: skip
+
+    def test_the_lock_step_arms_nothing_without_the_lock_or_a_system(self, host: Path) -> None:
+        """A lock held by another run, or no current system read: nothing is armed."""
+        sh(host, acquire_script(OTHER))
+        out = sh(host, acquire_script(ME, arm=90))
+        assert not parse_acquire(out).acquired and parse_lock_arm(out) is None
+        assert calls(host) == []
+        sh(host, release_script(OTHER.run_id))
+        (host / "bin" / "readlink").write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
+        out = sh(host, acquire_script(ME, arm=90))
+        assert parse_acquire(out).acquired and parse_lock_arm(out) is None
+        assert calls(host) == []
 
     def test_fired_timer_is_not_rearmed(self, host: Path) -> None:
         """A timer that already fired is reported (`fired`) and never armed again."""
