@@ -352,6 +352,8 @@ class TestReexecGuard:
         """The target configuration's own nixos-rebuild is classic, which has no --sudo
         (nixpkgs issue 425637): rebuild's --no-reexec keeps ng judging the flags, nothing is
         re-executed, nothing extra is built, the deploy verifies."""
+        if os.geteuid() != 0:
+            pytest.skip("needs root: sudo as root needs no password")
         d = make_deployment(testbed)
         cfg = config("classic-inside", d.web_port, nixos_rebuild_flavour="classic")
         d.set_config("vps", cfg)

@@ -178,7 +178,9 @@ class TestSimulatorProcesses:
     def test_over_ssh_the_commands_are_the_hosts(self, testbed: Testbed) -> None:
         """In an SSH session the fast shims are on PATH and answer for this host."""
         host = testbed.add_host("vps")
-        probe = ssh(host, "command -v systemctl readlink; hostname; systemctl is-system-running")
+        # one name per `command -v`: dash (a non-root user's /bin/sh) prints only the first
+        probe = ssh(host, "command -v systemctl; command -v readlink; hostname; "
+                    "systemctl is-system-running")  # fmt: skip
         assert probe.returncode == 0, probe.stderr
         assert probe.stdout.split() == [
             str(host.bin_dir / "systemctl"),
@@ -202,6 +204,8 @@ class TestSimulatorProcesses:
                 cwd="/",
             )
             wait_for(lambda: bool(children_of(host.server.pid)), 10, "the command to start")
+            if sig == signal.SIGINT:  # CPython prints KeyboardInterrupt once its handler is in
+                wait_for(lambda: handles_sigint(host.server.pid), 10, "the SIGINT handler")
             proc.send_signal(sig)
             proc.wait(timeout=10)  # stdin still open: the signal ends it, not an EOF
             _, err = proc.communicate(timeout=10)
@@ -260,3 +264,20 @@ class TestSimulatorProcesses:
         while is_alive(left["server"]) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not is_alive(left["server"])
+
+
+def handles_sigint(server: int) -> bool:
+    """Has the command the simulator runs installed CPython's SIGINT handler yet?"""
+    return any(catches(child, signal.SIGINT) for child in children_of(server))
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Has process `pid` installed a handler for `sig` (SigCgt in /proc/PID/status)?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
