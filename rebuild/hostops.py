@@ -97,14 +97,10 @@ def acquire_script(owner: LockOwner, record: str | None = None, *, trust: bool =
     its exit status)."""
     note = f"\n  {_append_record(record)}" if record else ""
     cur = '"$cur"'  # the system just read, as a shell word
-    arming = (
-        f"echo '{MARK} arm'\n"
-        'case "$acquired$cur" in yes/*)\n'
-        f"  ( {_arm(owner.run_id, cur, arm, owner).strip()}\n  ) 2>&1; "
-        f'echo "{MARK} arm-rc $?";;\nesac\n'
-        if arm is not None
-        else ""
-    )
+    arming = ""
+    if arm is not None:  # only once the lock is taken and a system was read
+        section = arm_section(_arm(owner.run_id, cur, arm, owner))
+        arming = f'case "$acquired$cur" in yes/*)\n{section};;\nesac\n'
     trusted = (
         f"echo '{MARK} trust'; u=${{SUDO_USER:-$(id -un 2>/dev/null)}}; echo \"$u\"; "
         'id -Gn "$u" 2>/dev/null; echo; '  # the SSH user's, also when this runs under sudo
@@ -131,9 +127,15 @@ echo '{MARK} profile'; readlink -f {SYSTEM_PROFILE} 2>/dev/null
 """
 
 
-def parse_lock_arm(output: str) -> tuple[int, str] | None:
-    """The `arm` section of `acquire_script(arm=...)`: the arm step's exit status and answer;
-    None when it did not run (the lock was not taken, or no system was read)."""
+def arm_section(arm: str) -> str:
+    """The arm step as the last part of a larger script (the lock's, the preview's): its answer
+    and exit status follow an `arm` marker (`parse_arm_section`)."""
+    return f"echo '{MARK} arm'\n( {arm.strip()}\n) 2>&1; echo \"{MARK} arm-rc $?\"\n"
+
+
+def parse_arm_section(output: str) -> tuple[int, str] | None:
+    """The arm step's exit status and answer from `arm_section`; None when it did not run
+    (the lock was not taken, no system was read) or its answer was cut short."""
     _, found, rest = output.partition(f"{MARK} arm\n")
     body, found_rc, tail = rest.partition(f"{MARK} arm-rc ")
     code = tail.split("\n", 1)[0].strip()

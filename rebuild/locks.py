@@ -96,7 +96,7 @@ def _take_remote_lock(hr: HostRun, owner: hostops.LockOwner, me: identity.Identi
         hr.remote_locked = True
         hr.lock_owner = owner
         hr.previous = answer.current_system
-        armed = hostops.parse_lock_arm(output)
+        armed = hostops.parse_arm_section(output)
         if armed is not None:  # a timer that did not arm is armed again by the deploy
             with contextlib.suppress(RebuildError):
                 seen = arm_answer(hr, RemoteResult(*armed, ""), time.monotonic())

@@ -101,17 +101,11 @@ def ask(hr: HostRun, path: str, arm: str | None = None
     comes back too (None: it did not run, or its answer was lost)."""
     script = preview.script(path)
     if arm is not None:
-        script += f"echo '{ARM_MARK}'\n( {arm.strip()}\n) 2>&1; echo \"{ARM_MARK} rc $?\"\n"
+        script += hostops.arm_section(arm)
     try:
         result = hr.run(script, timeout=PREVIEW_TIMEOUT + (hostops.ARM_TIMEOUT if arm else 0))
     except RebuildError as exc:
         return preview.Changes(problems=(f"the host did not answer the preview: {exc}",)), None
-    shown, found, armed = result.stdout.partition(f"{ARM_MARK}\n")
-    answer, found_rc, rc = armed.rpartition(f"{ARM_MARK} rc ")
-    arm_result = None
-    if found and found_rc and rc.strip().isdigit():
-        arm_result = RemoteResult(int(rc.strip()), answer, "")
-    return preview.parse(shown, path), arm_result
-
-
-ARM_MARK = "@@rebuild-arm@@"
+    armed = hostops.parse_arm_section(result.stdout)
+    shown = result.stdout.partition(f"{hostops.MARK} arm\n")[0]
+    return preview.parse(shown, path), RemoteResult(*armed, "") if armed else None

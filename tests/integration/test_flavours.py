@@ -17,7 +17,6 @@ loopback host and a key that only an ssh-agent holds.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shlex
@@ -43,6 +42,7 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_sudo import PASSWORD, keyring_env, store_password
 from tests.support import users as testusers
+from tests.support.flock import flock_held
 
 FLAVOURS = ("ng", "classic")
 USERS = ("root", "nopasswd", "password")
@@ -205,18 +205,7 @@ def test_deploy_matrix(matrix: Matrix, flavour: str, user_kind: str, build: str)
 
 
 def lock_held(host: SimHost) -> bool:
-    path = host.root / "run" / "nixos" / "switch-to-configuration.lock"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return flock_held(host.root / "run" / "nixos" / "switch-to-configuration.lock")
 
 
 def journal(host: SimHost, phase: str = "end") -> list[dict[str, Any]]:

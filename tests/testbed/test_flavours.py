@@ -4,7 +4,6 @@ host's switch lock with the flock shim."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import pexpect
 import pytest
 
 from testbed import SimHost, Testbed
+from tests.support.flock import flock_held
 
 from .conftest import V1, rebuild, ssh
 
@@ -275,9 +275,9 @@ class TestSwitchLock:
         )
         try:
             deadline = time.monotonic() + 20
-            while not held(lock) and time.monotonic() < deadline:
+            while not flock_held(lock) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert held(lock)
+            assert flock_held(lock)
             second = ssh(host, f"{quick}/bin/switch-to-configuration test")
             assert (second.returncode, second.stderr) == (11, "Could not acquire lock\n")
             began = time.monotonic()
@@ -301,18 +301,3 @@ class TestSwitchLock:
             (False, 0),
         ]
         assert Path("/run/nixos").exists() == had_run_nixos
-
-
-def held(lock: Path) -> bool:
-    """Does some process hold this flock (without taking it for long)?"""
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False

@@ -21,9 +21,9 @@ from rebuild.hostops import (
     generation_path_script,
     lock_is_stale,
     parse_acquire,
+    parse_arm_section,
     parse_cancel,
     parse_generations,
-    parse_lock_arm,
     parse_lock_lost,
     parse_owner,
     parse_reboot_check,
@@ -274,7 +274,7 @@ class TestDeadManTimer:
         read, and reports the arm step's answer."""
         out = sh(host, acquire_script(ME, arm=90))
         assert parse_acquire(out).acquired and parse_acquire(out).current_system == SYSTEM
-        assert parse_lock_arm(out) == (0, "")
+        assert parse_arm_section(out) == (0, "")
         run = calls(host)[-1]
         assert run[0] == "systemd-run" and "--on-active=90s" in run
         assert f"--description=rebuild dead-man rollback to {SYSTEM}" in run
@@ -285,12 +285,12 @@ class TestDeadManTimer:
         """A lock held by another run, or no current system read: nothing is armed."""
         sh(host, acquire_script(OTHER))
         out = sh(host, acquire_script(ME, arm=90))
-        assert not parse_acquire(out).acquired and parse_lock_arm(out) is None
+        assert not parse_acquire(out).acquired and parse_arm_section(out) is None
         assert calls(host) == []
         sh(host, release_script(OTHER.run_id))
         (host / "bin" / "readlink").write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
         out = sh(host, acquire_script(ME, arm=90))
-        assert parse_acquire(out).acquired and parse_lock_arm(out) is None
+        assert parse_acquire(out).acquired and parse_arm_section(out) is None
         assert calls(host) == []
 
     def test_fired_timer_is_not_rearmed(self, host: Path) -> None:
