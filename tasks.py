@@ -48,6 +48,42 @@ def _usage_errors_exit_2() -> None:
 _usage_errors_exit_2()
 
 
+def _leave_without_teardown() -> None:
+    """Once every task has run, end the process at once: the interpreter's own teardown (freeing
+    some 400 modules' objects one by one) costs each command about 50 ms and does nothing a
+    finished command needs. Output is flushed and logging shut down first; every task has
+    joined its threads and written its audit record by then (tasks never leave work behind)."""
+    import contextlib
+    import logging
+    import sys
+
+    from invoke.program import Program
+
+    original = Program.execute
+    if getattr(original, "rebuild_wrapped", False):
+        return
+
+    def execute(self: Program) -> None:
+        code = 0
+        try:
+            original(self)
+        except Exit as exc:
+            if exc.message:
+                print(exc.message, file=sys.stderr)
+            code = exc.code
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+
+    execute.rebuild_wrapped = True  # type: ignore[attr-defined]
+    Program.execute = execute  # type: ignore[method-assign]
+
+
+_leave_without_teardown()
+
+
 def _ctrl_c_interrupts() -> None:
     """An operator's Ctrl-C must stop rebuild at every moment. A program started with SIGINT
     ignored (a background job of a non-interactive shell: CI runners, scripts with `&`) keeps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -191,6 +192,54 @@ class TestScriptUnderSh:
         assert facts.current_system is None
         assert facts.units == {}
         assert facts.commands[0].returncode != 0
+
+
+    def test_checks_run_side_by_side(self, tmp_path: Path) -> None:
+        """Command checks run alongside each other: the first waits for a file only the second
+        creates, so run one after the other the first would time out and fail."""
+        flag = tmp_path / "flag"
+        first = (f"i=0; while [ ! -e {flag} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
+                 f"test -e {flag} && echo saw it")  # fmt: skip
+        spec = VerifySpec(
+            commands=(CommandCheck(name="waits", run=first),
+                      CommandCheck(name="creates", run=f"touch {flag}; exit 4")),
+            command_timeout=20,
+        )  # fmt: skip
+        facts = parse(run_script(tmp_path, script(spec)), spec)
+        assert facts.commands == {0: CommandOutcome(0, "saw it"), 1: CommandOutcome(4, "")}
+
+    def test_temporary_folder_is_removed(self, tmp_path: Path) -> None:
+        """The checks' outputs live in a private folder that is gone when the script ends."""
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        run_script(tmp_path, script(SPEC), TMPDIR=str(tmp))
+        assert list(tmp.iterdir()) == []
+
+    def test_without_mktemp_checks_fail_with_the_reason(self, tmp_path: Path) -> None:
+        """A host that cannot make a temporary folder fails each HTTP and command check, naming
+        the cause, and still reports the rest."""
+        bin_dir = tmp_path / "bin"
+        run_script(tmp_path, "true")  # writes the fake tools
+        mktemp = bin_dir / "mktemp"
+        mktemp.write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
+        mktemp.chmod(0o755)
+        facts = parse(run_script(tmp_path, script(SPEC)), SPEC)
+        assert facts.commands == {
+            0: CommandOutcome(255, "rebuild: mktemp -d failed on the host")
+        }
+        assert facts.http == {0: "rebuild: mktemp -d failed on the host"}
+        assert facts.units["sshd.service"].active == "active"
+
+    def test_is_shellcheck_clean(self, tmp_path: Path) -> None:
+        """shellcheck (POSIX sh) finds nothing in the facts script."""
+        program = shutil.which("shellcheck")
+        if program is None:
+            pytest.fail("shellcheck is not installed: apt-get install shellcheck")
+        path = tmp_path / "facts.sh"
+        path.write_text("#!/bin/sh\n" + script(SPEC), encoding="utf-8")
+        done = subprocess.run([program, "-s", "sh", str(path)], capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        assert done.returncode == 0, done.stdout
 
 
 class TestParseRecorded:
