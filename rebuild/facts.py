@@ -87,12 +87,12 @@ def script(spec: VerifySpec, *, services: bool = True) -> str:
         no_tmp = "echo 'rebuild: mktemp -d failed on the host'"
         for i in range(len(spec.http)):
             lines.append(
-                f"echo '{MARK} http {i}'; if [ -n \"$d\" ]; then wait \"$h{i}\"; "
+                f'echo \'{MARK} http {i}\'; if [ -n "$d" ]; then wait "$h{i}"; '
                 f'tail -n {OUTPUT_TAIL} "$d/h{i}"; else {no_tmp}; fi; echo'
             )
         for i in range(len(spec.commands)):
             lines.append(
-                f"echo '{MARK} command {i}'; if [ -n \"$d\" ]; then wait \"$c{i}\"; r=$?; "
+                f'echo \'{MARK} command {i}\'; if [ -n "$d" ]; then wait "$c{i}"; r=$?; '
                 f'[ -s "$d/c{i}" ] && tail -n {OUTPUT_TAIL} "$d/c{i}"; else r=255; {no_tmp}; '
                 f"fi; echo '{MARK} rc' \"$r\""
             )

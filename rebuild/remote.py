@@ -180,6 +180,61 @@ def revoked_key_message(endpoint: Endpoint) -> str:
     )
 
 
+class _Spare:
+    """A session channel being opened ahead of the command that will use it."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.channel: paramiko.Channel | None = None
+
+
+class _AheadConnection(Connection):  # type: ignore[misc]  # Fabric is untyped
+    """Fabric's connection, with the next command's session channel opened while the current
+    one runs: a remote command then costs one round trip (exec) instead of two (open, exec).
+    The channel an unused spare leaves open goes with the connection."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._spare_lock = threading.Lock()
+        self._spares: list[_Spare] = []
+
+    def __setattr__(self, key: str, value: object) -> None:
+        # Invoke turns an unknown attribute into a config key (copied, even pickled, later)
+        if key in ("_spare_lock", "_spares"):
+            object.__setattr__(self, key, value)
+        else:
+            super().__setattr__(key, value)
+
+    def create_session(self) -> paramiko.Channel:
+        channel = self._take_spare()
+        if channel is None:
+            channel = self.transport.open_session(timeout=self.connect_timeout)
+        self.open_spare()
+        return channel
+
+    def open_spare(self) -> None:
+        spare = _Spare()
+        with self._spare_lock:
+            self._spares.append(spare)
+        transport = self.transport
+
+        def work() -> None:
+            # a connection closing under it fails the open: the next command opens its own
+            with contextlib.suppress(Exception):
+                spare.channel = transport.open_session(timeout=self.connect_timeout)
+            spare.ready.set()
+
+        threading.Thread(target=work, name="rebuild-spare-channel", daemon=True).start()
+
+    def _take_spare(self) -> paramiko.Channel | None:
+        with self._spare_lock:
+            spare = self._spares.pop(0) if self._spares else None
+        if spare is None or not spare.ready.wait(self.connect_timeout):
+            return None
+        channel = spare.channel
+        return channel if channel is not None and not channel.closed else None
+
+
 class Remote:
     """One SSH connection to a host, reused for every command of a run."""
 
@@ -199,7 +254,7 @@ class Remote:
         }
         if endpoint.identity_file is not None:
             connect_kwargs["key_filename"] = str(endpoint.identity_file)
-        self.conn = Connection(
+        self.conn = _AheadConnection(
             host=endpoint.address,
             user=endpoint.user,
             port=endpoint.port,
@@ -226,6 +281,7 @@ class Remote:
                     self.close()
                     raise GateRefused(revoked_key_message(self.endpoint))
                 transport.set_keepalive(5)
+                self.conn.open_spare()  # the first command's channel
         except paramiko.BadHostKeyException:
             self.close()
             raise GateRefused(changed_key_message(self.endpoint)) from None

@@ -193,7 +193,6 @@ class TestScriptUnderSh:
         assert facts.units == {}
         assert facts.commands[0].returncode != 0
 
-
     def test_checks_run_side_by_side(self, tmp_path: Path) -> None:
         """Command checks run alongside each other: the first waits for a file only the second
         creates, so run one after the other the first would time out and fail."""
@@ -224,9 +223,7 @@ class TestScriptUnderSh:
         mktemp.write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
         mktemp.chmod(0o755)
         facts = parse(run_script(tmp_path, script(SPEC)), SPEC)
-        assert facts.commands == {
-            0: CommandOutcome(255, "rebuild: mktemp -d failed on the host")
-        }
+        assert facts.commands == {0: CommandOutcome(255, "rebuild: mktemp -d failed on the host")}
         assert facts.http == {0: "rebuild: mktemp -d failed on the host"}
         assert facts.units["sshd.service"].active == "active"
 
