@@ -3,6 +3,7 @@ from it (what it runs, what HEAD evaluates to, the verification checks)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -201,6 +202,29 @@ def expected_system(loaded: Loaded, target: Target, flake: str | None = None) ->
         tail = " ".join(done.stderr.strip().splitlines()[-3:]) or f"exit {done.returncode}"
         raise BuildFailed(f"{target.name}: cannot evaluate {target.attr}: {tail}")
     return path
+
+
+def expected_systems(loaded: Loaded, targets: list[Target], flake: str
+                     ) -> dict[str, str | RebuildError]:  # fmt: skip
+    """The systems of hosts that share their evaluation flags, by attribute: one `nix eval` for
+    them all; when that fails, one per attribute, so that each error names its host."""
+    attrs = list(dict.fromkeys(t.attr for t in targets))
+    if len(attrs) > 1:
+        extra = nixos.evaluation_args(targets[0].settings.extra_args)
+        argv = nixos.nix_eval_systems_argv(loaded.nix_program, flake, attrs, extra)
+        with contextlib.suppress(RebuildError):  # each attribute alone says what is wrong
+            done = process.run(argv, timeout=NIX_EVAL_TIMEOUT)
+            found = nixos.parse_systems(done.stdout, attrs) if done.ok else None
+            if found is not None:
+                return dict(found)
+    by_attr = {t.attr: t for t in targets}
+    out: dict[str, str | RebuildError] = {}
+    for attr in attrs:
+        try:
+            out[attr] = expected_system(loaded, by_attr[attr], flake)
+        except RebuildError as exc:
+            out[attr] = exc
+    return out
 
 
 def locked_flake(loaded: Loaded) -> str:

@@ -150,6 +150,36 @@ def nix_eval_argv(nix: str, flake: str, attr: str, extra: Sequence[str] = ()) ->
     return [nix, *EXPERIMENTAL, "eval", "--raw", *extra, toplevel_attr(flake, attr)]
 
 
+def nix_eval_systems_argv(nix: str, flake: str, attrs: Sequence[str],
+                          extra: Sequence[str] = ()) -> list[str]:  # fmt: skip
+    """`nix eval --json` of several hosts' systems in one evaluator (one flake fetch, Nix's
+    parse and evaluation caches shared across the hosts): a JSON list of store paths in the
+    order of `attrs`."""
+    names = " ".join(nix_string(attr) for attr in attrs)
+    apply = f"cs: map (n: cs.${{n}}.config.system.build.toplevel.outPath) [ {names} ]"
+    return [nix, *EXPERIMENTAL, "eval", "--json", *extra, f"{flake}#nixosConfigurations",
+            "--apply", apply]  # fmt: skip
+
+
+def nix_string(value: str) -> str:
+    """A Nix string literal: `"`, `\\` and `${` escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
+
+
+def parse_systems(text: str, attrs: Sequence[str]) -> dict[str, str] | None:
+    """`nix_eval_systems_argv`'s answer by attribute, or None when it is not one store path
+    per attribute."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, list) or len(data) != len(attrs):
+        return None
+    if not all(isinstance(path, str) and path.startswith("/") for path in data):
+        return None
+    return dict(zip(attrs, data, strict=True))
+
+
 def flake_metadata_argv(nix: str, flake: str) -> list[str]:
     """`nix flake metadata --json`: where a remote flake's reference resolves to now."""
     return [nix, *EXPERIMENTAL, "flake", "metadata", "--json", flake]

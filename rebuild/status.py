@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,6 +285,13 @@ class Gathered:
     state: gitstate.GitState | None
 
 
+def eval_key(target: Target) -> tuple[str, ...]:
+    """The flags that change what a host's attribute evaluates to."""
+    from rebuild.nixos import evaluation_args
+
+    return tuple(evaluation_args(target.settings.extra_args))
+
+
 def gather(
     loaded: Loaded,
     targets: list[Target],
@@ -294,7 +301,7 @@ def gather(
 ) -> Gathered:
     """Every host's probe in parallel with the evaluations of HEAD (connections first)."""
     from rebuild.deploy import head_flake_ref
-    from rebuild.hostrun import expected_system
+    from rebuild.hostrun import expected_systems
 
     connections = ThreadPoolExecutor(max_workers=max(1, min(MAX_CONNECTIONS, len(targets))))
     evaluations = ThreadPoolExecutor(max_workers=MAX_EVALUATIONS)
@@ -302,18 +309,21 @@ def gather(
         probes = {t.name: connections.submit(probe_host, endpoints[t.name]) for t in targets}
         state = gitstate.read(loaded.flake_dir) if loaded.flake_dir else None
         flake = head_flake_ref(loaded, state)
-        by_attr: dict[str, Future[str]] = {}
+        # one evaluator for every host that evaluates with the same flags
+        groups: dict[tuple[str, ...], list[Target]] = {}
         for target in targets:
-            if target.attr not in by_attr:
-                by_attr[target.attr] = evaluations.submit(expected_system, loaded, target, flake)
-        expected: dict[str, str | None] = {}
+            groups.setdefault(eval_key(target), []).append(target)
+        futures = {
+            key: evaluations.submit(expected_systems, loaded, group, flake)
+            for key, group in groups.items()
+        }
+        expected: dict[tuple[tuple[str, ...], str], str | None] = {}
         errors: list[str] = []
-        for attr, future in by_attr.items():
-            try:
-                expected[attr] = future.result()
-            except RebuildError as exc:
-                expected[attr] = None
-                errors.append(str(exc))
+        for key, future in futures.items():
+            for attr, system in future.result().items():
+                expected[key, attr] = system if isinstance(system, str) else None
+                if not isinstance(system, str):
+                    errors.append(str(system))
         rows = []
         for target in targets:
             try:
@@ -324,7 +334,7 @@ def gather(
             except RebuildError as exc:
                 rows.append(HostStatus(target.name, False, error=str(exc)))
                 continue
-            rows.append(host_status(target.name, found, expected[target.attr]))
+            rows.append(host_status(target.name, found, expected[eval_key(target), target.attr]))
         return Gathered(rows, errors, state)
     finally:
         connections.shutdown(wait=True)

@@ -355,6 +355,47 @@ def _nix_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
 
 
+# `nix eval --json FLAKE#nixosConfigurations --apply 'cs: map (n: cs.${n}.config.system.build.
+# toplevel.outPath) [ "a" "b" ]'`: several hosts' systems in one evaluator (what `invoke status`
+# asks). The stand-in reads this one expression shape (Nix string literals in the list); any other
+# --apply on a set is handled as before (builtins.attrNames).
+_SYSTEMS_APPLY = re.compile(
+    r"cs: map \(n: cs\.\$\{n\}\.config\.system\.build\.toplevel\.outPath\) "
+    r'\[((?: "(?:[^"\\$]|\\.|\$(?!\{))*")*) \]'
+)
+_NIX_STRING = re.compile(r'"((?:[^"\\$]|\\.|\$(?!\{))*)"')
+
+
+def _systems_applied(args: NixArgs) -> list[str] | None:
+    """The attribute names of rebuild's many-systems --apply, or None for any other."""
+    match = _SYSTEMS_APPLY.fullmatch(args.value("--apply") or "")
+    if match is None:
+        return None
+    return [re.sub(r"\\(.)", r"\1", m) for m in _NIX_STRING.findall(match.group(1))]
+
+
+def _eval_systems(args: NixArgs, names: list[str], store: Path,
+                  overrides: Sequence[tuple[str, str]]) -> None:  # fmt: skip
+    """Each name's toplevel.outPath, in order (a full evaluation each, in one process); a missing
+    name fails the whole command as `cs.${n}` does in Nix."""
+    installable = args.positional[1]
+    base, _, fragment = installable.partition("#")
+    if split_attr_path(fragment) != ["nixosConfigurations"]:
+        raise SimError("the test bed evaluates this --apply only on FLAKE#nixosConfigurations")
+    paths = []
+    for name in names:
+        target = _installable(installable)
+        if target.flake.config(name) is None:
+            raise SimError(f"attribute '{name}' missing\n       at «string»:1:13:")
+        attr = f"{base}#nixosConfigurations.{name}.config.system.build.toplevel.outPath"
+        paths.append(counted_evaluate("nix", "eval", attr, store, overrides).value)
+    if "--json" in args.flags:
+        sys.stdout.write(json.dumps(paths) + "\n")
+    else:
+        sys.stdout.write("[ " + " ".join(_nix_string(str(v)) for v in paths) + " ]\n")
+    sys.stdout.flush()
+
+
 def _print_value(result: Evaluated, args: NixArgs, store: Path) -> None:
     apply = args.value("--apply")
     value: Any = result.value
@@ -512,6 +553,10 @@ def nix_main(argv: Sequence[str], default_store: str) -> int:
         if command == "eval":
             if len(args.positional) != 2:
                 raise NixUsage("'nix eval' requires exactly one installable")
+            systems = _systems_applied(args)
+            if systems is not None:
+                _eval_systems(args, systems, store, overrides)
+                return 0
             result = counted_evaluate("nix", "eval", args.positional[1], store, overrides)
             _print_value(result, args, store)
             return 0

@@ -210,6 +210,39 @@ def test_head_that_does_not_evaluate_is_5(testbed: Testbed, tmp_path: Path) -> N
     assert done.stdout.splitlines()[1].split()[:3] == ["solo", "yes", "?"]
 
 
+def test_one_evaluation_process_for_the_fleet(testbed: Testbed) -> None:
+    """HEAD is evaluated for every host by one `nix eval` (one evaluator, one flake fetch):
+    each host's expected system is its own."""
+    f = make_fleet(testbed, ["app1", "app2", "db1"])
+    for name in f.hosts:
+        f.hosts[name].activate(testbed.build(name, config("v1", f.ports[name])))
+    code, data, stderr = status(f)
+    assert code == 0, stderr
+    assert {r["host"]: r["expected_system"] for r in data["hosts"]} == {
+        name: f.v1(name) for name in ("app1", "app2", "db1")
+    }
+    seen = [json.loads(x) for x in (testbed.root / "evaluations.jsonl").read_text().splitlines()]
+    ours = [e for e in seen if e["command"] == "eval"]
+    assert len({e["pid"] for e in ours}) == 1
+    assert sorted(e["attr"].split(".")[1] for e in ours) == ["app1", "app2", "db1"]
+
+
+def test_a_host_that_does_not_evaluate_is_named_alone(testbed: Testbed) -> None:
+    """One host's attribute missing from HEAD: that host's drift is unknown and named, the
+    others are checked as usual (each evaluated alone after the shared evaluation fails)."""
+    f = make_fleet(testbed, ["app1", "app2"])
+    for name in f.hosts:
+        f.hosts[name].activate(testbed.build(name, config("v1", f.ports[name])))
+    text = f.inventory.read_text().replace("[hosts.app2]\n", '[hosts.app2]\nattr = "gone"\n')
+    f.inventory.write_text(text)
+    code, data, stderr = status(f)
+    assert code == 5, stderr
+    rows = {r["host"]: r for r in data["hosts"]}
+    assert rows["app1"]["expected_system"] == f.v1("app1") and rows["app1"]["drift"] is False
+    assert rows["app2"]["expected_system"] is None
+    assert "app2: cannot evaluate gone" in stderr
+
+
 def test_two_operators_deploy_in_turn_and_status_shows_the_second(
     deployment: Deployment,
 ) -> None:

@@ -296,6 +296,26 @@ class TestEvaluations:
             ("nix", "build", False, True),
         ]
 
+    def test_many_systems_in_one_evaluator(self, testbed: Testbed, tmp_path: Path) -> None:
+        """`nix eval --json FLAKE#nixosConfigurations --apply 'cs: map ...'`: each host's
+        system in order, one process, a full evaluation each; a missing name fails it all."""
+        configs = {"a": web_config("a", 1), "b": web_config("b", 2)}
+        flake = testbed.make_flake(tmp_path / "flake", configs)
+        apply = 'cs: map (n: cs.${n}.config.system.build.toplevel.outPath) [ "b" "a" ]'
+        done = self.nix(testbed, "eval", "--json", f"{flake}#nixosConfigurations",
+                        "--apply", apply)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == [testbed.store_path("b", configs["b"]),
+                                           testbed.store_path("a", configs["a"])]  # fmt: skip
+        seen = self.evaluations(testbed)
+        assert [e["attr"].split(".")[1] for e in seen] == ["b", "a"]
+        assert len({e["pid"] for e in seen}) == 1
+        missing = apply.replace('"a"', '"zz"')
+        done = self.nix(testbed, "eval", "--json", f"{flake}#nixosConfigurations",
+                        "--apply", missing)  # fmt: skip
+        assert done.returncode == 1
+        assert "error: attribute 'zz' missing" in done.stderr
+
     def test_the_re_exec_is_its_own_evaluation(self, testbed: Testbed, tmp_path: Path) -> None:
         """ng's re-exec builds the configuration's nixos-rebuild: another attribute, another
         evaluation; the toplevel's own build after it is one more."""

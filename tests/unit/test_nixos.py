@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ from rebuild.nixos import (
     nix_build_argv,
     nix_dry_build_argv,
     nix_eval_argv,
+    nix_eval_systems_argv,
     nix_sshopts,
     nixos_rebuild_argv,
     parse_build_host,
     parse_dry_build,
+    parse_systems,
     render,
     ssh_config_text,
 )
@@ -45,6 +48,24 @@ class TestNixEval:
             "--raw",
             "/srv/infra#nixosConfigurations.vps.config.system.build.toplevel.outPath",
         ]
+
+    def test_many_systems_in_one_evaluator(self) -> None:
+        """Several hosts' systems: one nix eval --json of nixosConfigurations with an --apply
+        that maps the names (Nix string literals, escaped) to their toplevel outPath."""
+        assert nix_eval_systems_argv("nix", FLAKE, ["app1", 'we"ird${x}\\'], ["--impure"]) == [
+            "nix", "--extra-experimental-features", "nix-command flakes", "eval", "--json",
+            "--impure", "/srv/infra#nixosConfigurations", "--apply",
+            'cs: map (n: cs.${n}.config.system.build.toplevel.outPath) '
+            '[ "app1" "we\\"ird\\${x}\\\\" ]',
+        ]  # fmt: skip
+
+    def test_many_systems_answer(self) -> None:
+        """One store path per asked attribute, in order; anything else is no answer."""
+        a, b = "/nix/store/a-nixos-system-app1", "/nix/store/b-nixos-system-app2"
+        assert parse_systems(json.dumps([a, b]), ["app1", "app2"]) == {"app1": a, "app2": b}
+        assert parse_systems(json.dumps([a]), ["app1", "app2"]) is None
+        assert parse_systems(json.dumps([a, "x"]), ["app1", "app2"]) is None
+        assert parse_systems("error: nope", ["app1"]) is None
 
     def test_program_and_url_flake(self) -> None:
         """The configured nix program and a flake URL are used verbatim."""
