@@ -151,26 +151,7 @@ def unmap_text(text: str, root: Path) -> str:
 @contextlib.contextmanager
 def locked_state(host: Host, *, write: bool = True) -> Iterator[dict[str, Any]]:
     """The host's systemd/activation state under the host lock (saved on exit when write)."""
-    host.sim.mkdir(parents=True, exist_ok=True)
-    lock_path = host.sim / "lock"
-    handle: IO[bytes]
-    try:
-        handle = lock_path.open("a+b")
-    except PermissionError:
-        if write:  # a user without sudo changing the host's systemd state
-            raise SimError("Access denied (this needs root: use sudo)") from None
-        handle = lock_path.open("rb")  # reading state needs no privilege, as on NixOS
-    with handle as lock:
-        deadline = time.monotonic() + 60.0
-        mode = fcntl.LOCK_EX if write else fcntl.LOCK_SH
-        while True:
-            try:
-                fcntl.flock(lock.fileno(), mode | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SimError(f"timed out waiting for the state lock {lock_path}") from None
-                time.sleep(0.01)
+    with host_lock(host, exclusive=write):
         state_path = host.sim / "state.json"
         try:
             state: dict[str, Any] = json.loads(state_path.read_text(encoding="utf-8"))
@@ -185,6 +166,33 @@ def locked_state(host: Host, *, write: bool = True) -> Iterator[dict[str, Any]]:
                 tmp = host.sim / f".state.{os.getpid()}.tmp"
                 tmp.write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
                 tmp.replace(state_path)
+
+
+@contextlib.contextmanager
+def host_lock(host: Host, *, exclusive: bool = True) -> Iterator[None]:
+    """The host lock alone (what `nix-env` takes, as Nix locks a profile, without touching the
+    systemd state): exclusive, or shared for a reader."""
+    host.sim.mkdir(parents=True, exist_ok=True)
+    lock_path = host.sim / "lock"
+    handle: IO[bytes]
+    try:
+        handle = lock_path.open("a+b")
+    except PermissionError:
+        if exclusive:  # a user without sudo changing the host's systemd state
+            raise SimError("Access denied (this needs root: use sudo)") from None
+        handle = lock_path.open("rb")  # reading state needs no privilege, as on NixOS
+    with handle as lock:
+        deadline = time.monotonic() + 60.0
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SimError(f"timed out waiting for the state lock {lock_path}") from None
+                time.sleep(0.01)
+        yield
 
 
 # --------------------------------------------------------------------------- helpers' options

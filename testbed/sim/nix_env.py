@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from testbed.sim.host import Host, locked_state
+from testbed.sim.host import Host, host_lock
 from testbed.store import SimError
 
 
@@ -98,7 +98,9 @@ def nix_env(argv: Sequence[str]) -> int:
     if profile is None:
         print("error: the test bed's nix-env needs -p/--profile", file=sys.stderr)
         return 1
-    with locked_state(host):
+    # Nix locks the profile (profiles.cc lockProfile), also to list it; the systemd state is
+    # not nix-env's to read or write
+    with host_lock(host):
         return _nix_env_op(host, profile, op, operand)
 
 
