@@ -3,8 +3,8 @@
 Measured in the same run, against the same simulated hosts:
 - baseline: a bare `ssh host true` (a fresh connection) to one host, and to all at once;
 - `invoke status --host h00` vs `invoke status --all`: the real command as a subprocess, start
-  to exit (Python start, gates, one connection and one remote script per host, `nix eval` of
-  HEAD once per attribute, the audit records).
+  to exit (Python start, gates, one connection and one remote script per host, one `nix eval` of
+  HEAD for every host, the audit records).
 
 Every host runs HEAD, so each run must exit 0. The goal: N hosts within 1.5x of one host.
 """
@@ -120,7 +120,7 @@ def report(results: dict[str, Any]) -> str:
     lines += [
         "",
         "hosts: the simulated hosts' sshd, sessions and shims (cpuacct cgroup; 0 when not root);",
-        "operator: the invoke process tree (rebuild, the nix eval stand-ins); rebuild: the",
+        "operator: the invoke process tree (rebuild, the nix eval stand-in); rebuild: the",
         f"rebuild process alone; CPU floor: machine busy / {results['cores']} cores;",
         "projected: not a measurement: the ratio if every simulated host had its own CPU, as",
         "real hosts do: max(1-host wall, operator CPU / cores) / 1-host wall.",

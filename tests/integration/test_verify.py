@@ -215,14 +215,19 @@ def test_standalone_verify_compares_with_head_not_the_working_tree(deployment: D
     assert data["expected_system"] == d.expected("vps", head)
 
 
+def endpoint_of(d: Deployment) -> Endpoint:
+    """rebuild's own connection settings for the deployment's host."""
+    return Endpoint(name="vps", address=d.host.address, port=d.host.port, user=d.host.user,
+                    known_hosts=d.tb.known_hosts, identity_file=d.tb.client_key,
+                    connect_timeout=5)  # fmt: skip
+
+
 def test_a_remote_command_without_exit_status_is_an_error(deployment: Deployment) -> None:
     """A command whose channel closes without an exit status (here its shell is killed; on a
     timeout Invoke's timer closes the channel the same way) is an error, never a short result
     parsed as facts."""
     d = deployment
-    endpoint = Endpoint(name="vps", address=d.host.address, port=d.host.port,
-                        user=d.host.user, known_hosts=d.tb.known_hosts,
-                        identity_file=d.tb.client_key, connect_timeout=5)  # fmt: skip
+    endpoint = endpoint_of(d)
     with Remote(endpoint) as remote:
         assert remote.run("echo fine").stdout == "fine\n"
         with pytest.raises(RemoteError, match="without an exit status"):
@@ -234,9 +239,7 @@ def test_a_privileged_and_a_plain_script_share_one_command_as_root(
 ) -> None:
     """Without sudo (root logs in) both parts run, each with its own output and exit status."""
     d = deployment
-    endpoint = Endpoint(name="vps", address=d.host.address, port=d.host.port,
-                        user=d.host.user, known_hosts=d.tb.known_hosts,
-                        identity_file=d.tb.client_key, connect_timeout=5)  # fmt: skip
+    endpoint = endpoint_of(d)
     with Remote(endpoint) as remote:
         first, second = remote.run_pair("echo one; cat; exit 4", "echo two; exit 0")
     assert (first.exited, first.stdout) == (4, "one\n")
@@ -247,9 +250,7 @@ def test_each_command_finds_its_channel_already_open(deployment: Deployment) -> 
     """A command on a connection that has run one before does not wait for a channel to open
     (one round trip less each): it takes the one opened while the previous command ran."""
     d = deployment
-    endpoint = Endpoint(name="vps", address=d.host.address, port=d.host.port,
-                        user=d.host.user, known_hosts=d.tb.known_hosts,
-                        identity_file=d.tb.client_key, connect_timeout=5)  # fmt: skip
+    endpoint = endpoint_of(d)
     with Remote(endpoint) as remote:
         assert remote.run("echo one").stdout == "one\n"
         deadline = time.monotonic() + 10
