@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import stat
 import subprocess
@@ -305,6 +306,22 @@ def closure(path: Path) -> list[Path]:
     return [seen[key] for key in sorted(seen)]
 
 
+# A test bed system's bin/switch-to-configuration (testbed.sim.activation.stc_main): the
+# client of the host's simulator, given this script's path first. The host is $SIM_ROOT, else
+# the marker of a folder on PATH (what nixos-rebuild-ng's `env -i PATH=...` keeps); without
+# either the client runs the Python shim, which looks further.
+STC_SCRIPT = """#!/bin/sh
+if [ -z "${{SIM_ROOT-}}" ]; then
+  IFS=:
+  for d in $PATH; do
+    if [ -r "$d/.sim-root" ]; then read -r SIM_ROOT <"$d/.sim-root" && export SIM_ROOT; break; fi
+  done
+  unset IFS
+fi
+exec {client} "$0" "$@"
+"""
+
+
 def build_system(
     store_dir: Path, attr: str, config: Mapping[str, Any], python: str | None = None
 ) -> str:
@@ -319,12 +336,16 @@ def build_system(
             (tmp / link).symlink_to(target)
         (tmp / "bin").mkdir()
         stc = tmp / "bin" / "switch-to-configuration"
-        stc.write_text(
-            script_header(interpreter)
-            + "from testbed.sim.activation import stc_main\n"
-            + "sys.exit(stc_main(__file__, sys.argv[1:]))\n",
-            encoding="utf-8",
-        )
+        client = store_dir.parent / "hostbin" / "switch-to-configuration"
+        if client.exists():  # a test bed's store: run in the host's simulator (no Python start)
+            stc.write_text(STC_SCRIPT.format(client=shlex.quote(str(client))), encoding="utf-8")
+        else:
+            stc.write_text(
+                script_header(interpreter)
+                + "from testbed.sim.activation import stc_main\n"
+                + "sys.exit(stc_main(__file__, sys.argv[1:]))\n",
+                encoding="utf-8",
+            )
         stc.chmod(0o755)
         (tmp / "nixos-version").write_text(NIXOS_VERSION_LONG + "\n", encoding="utf-8")
         (tmp / SIM_JSON).write_text(

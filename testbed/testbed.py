@@ -32,7 +32,7 @@ from testbed.netns import (
 )
 from testbed.procs import PidRegistry, children_of, is_alive, proc_start_time, terminate
 from testbed.proxy import LatencyProxy
-from testbed.sim.dispatch import SHIM_NAMES
+from testbed.sim.dispatch import SHIM_NAMES, STORE_NAMES
 from testbed.sim.host import BOOT_ID, PROFILE, SIM_ROOT_MARKER, Host, locked_state
 from testbed.sim.nix_env import current_generation, profile_paths
 from testbed.sim.reboot import write_boot_id
@@ -680,7 +680,8 @@ class Testbed:
         self.ssh_config.write_text("", encoding="utf-8")
         _keygen(self.client_key, "operator@rebuild-testbed")
         self.client_key.chmod(0o600)
-        self.client_kind = hostbin.install(self.hostbin_dir, self.python, SHIM_NAMES)
+        self.client_kind = hostbin.install(self.hostbin_dir, self.python,
+                                           SHIM_NAMES + STORE_NAMES)  # fmt: skip
         header = script_header(self.python)
         store = str(self.store_dir)
         for name, func in (("nix", "nix_main"), ("nixos-rebuild", "nixos_rebuild_main")):

@@ -79,6 +79,10 @@ def main(name: str, argv: Sequence[str]) -> int:
             return shims.sudo_shim(argv)
         if name == "hostname":
             return shims.hostname_shim(argv)
+        if name == STC and argv:  # the system's own script hands over its path first
+            from testbed.sim.activation import stc_main
+
+            return stc_main(argv[0], argv[1:])
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -87,6 +91,11 @@ def main(name: str, argv: Sequence[str]) -> int:
     print(f"rebuild test bed: unknown shim {name}", file=sys.stderr)
     return 127
 
+
+# run through the simulator, but on no host's PATH: a system's bin/switch-to-configuration
+# (testbed.store.build_system) execs it with its own path first
+STC = "switch-to-configuration"
+STORE_NAMES = (STC,)
 
 SHIM_NAMES = (
     "systemctl",
