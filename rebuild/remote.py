@@ -15,6 +15,7 @@ from types import TracebackType
 
 import paramiko
 from fabric import Config, Connection
+from fabric.runners import Remote as FabricRemoteRunner
 from invoke.exceptions import CommandTimedOut
 from paramiko.hostkeys import HostKeyEntry, HostKeys
 
@@ -180,6 +181,13 @@ def revoked_key_message(endpoint: Endpoint) -> str:
     )
 
 
+class _Runner(FabricRemoteRunner):  # type: ignore[misc]  # Fabric is untyped
+    """Fabric's runner, polling for the command's end every 2 ms instead of Invoke's 10 ms (up
+    to 10 ms more on every remote command, for a check that costs microseconds)."""
+
+    input_sleep = 0.002
+
+
 class _Spare:
     """A session channel being opened ahead of the command that will use it."""
 
@@ -244,8 +252,10 @@ class Remote:
         self._count_lock = threading.Lock()
         # lazy: no /etc/fabric.yml, ~/.fabric.yaml or ~/.fabric.py (code!) is read; no ssh_config
         config = Config(
-            overrides={"load_ssh_configs": False, "run": {"in_stream": False}}, lazy=True
-        )
+            overrides={"load_ssh_configs": False, "run": {"in_stream": False},
+                       "runners": {"remote": _Runner}},
+            lazy=True,
+        )  # fmt: skip
         connect_kwargs: dict[str, object] = {
             "banner_timeout": endpoint.connect_timeout,
             "auth_timeout": endpoint.connect_timeout,

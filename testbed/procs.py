@@ -79,13 +79,15 @@ def terminate(pid: int, start: int | None, *, timeout: float = 3.0) -> bool:
         return True
     _signal(pid, signal.SIGTERM, group)
     deadline = time.monotonic() + timeout
+    pause = 0.001  # most processes are gone within a millisecond or two: look again soon
     while time.monotonic() < deadline:
         if not is_alive(pid, start):
             if group:
                 # the leader is gone; make sure nothing else of its group survives
                 _signal(pid, signal.SIGKILL, True)
             return True
-        time.sleep(0.02)
+        time.sleep(pause)
+        pause = min(0.02, pause * 2)
     if is_alive(pid, start):
         _signal(pid, signal.SIGKILL, group)
     deadline = time.monotonic() + 2.0
