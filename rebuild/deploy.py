@@ -31,6 +31,7 @@ from rebuild.hostrun import (
     endpoint_for,
     expected_system,
     locked_flake,
+    open_master,
     previous_generation,
     remove_run_dir,
     verify_host,
@@ -186,6 +187,9 @@ def prepare(run: Run, runs: list[HostRun], loaded: Loaded, opts: Options) -> Non
             hr.local_lock = take_local_lock(loaded.audit_log.parent, hr.name, run.run_id)
     # the connections open while the new systems are evaluated here (the lock uses them)
     reached = [hr for hr in runs if not opts.dry_run or previews(hr, opts)]
+    for hr in reached:
+        if previews(hr, opts):  # the preview's `nix copy` shares it
+            open_master(loaded, hr.target)
     with ThreadPoolExecutor(max_workers=max(1, min(len(reached), opts.jobs))) as connecting:
         for hr in reached:
             connecting.submit(hr.connect_ahead)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -132,9 +133,46 @@ def run_dir() -> Path:
 
 
 def remove_run_dir() -> None:
-    """At the end of a run: the config, sockets and links go with their folder."""
+    """At the end of a run: the shared ssh connections stop, the config, sockets and links go
+    with their folder."""
+    stop_masters()
     while _run_dirs:
         shutil.rmtree(_run_dirs.pop(), ignore_errors=True)
+
+
+_masters: list[tuple[list[str], subprocess.Popen[bytes]]] = []
+MASTER_STOP_TIMEOUT = 5
+
+
+def open_master(loaded: Loaded, target: Target) -> None:
+    """Open, in the background, the OpenSSH connection that `nix copy` to this host shares
+    through the run's ControlPath (Nix's ssh:// store runs `ssh HOST $NIX_SSHOPTS` with no
+    master of its own): opened while this machine evaluates and builds, the preview's copy
+    pays no handshake. If it is not ready (or failed), the copy connects by itself."""
+    config = ssh_config_file(loaded, target)
+    destination = f"{target.settings.user}@{nixos.target_alias(target.name)}"
+    with contextlib.suppress(OSError):
+        proc = subprocess.Popen(
+            nixos.ssh_master_argv(config, destination), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _masters.append((nixos.ssh_exit_argv(config, destination), proc))
+
+
+def stop_masters() -> None:
+    """Stop the shared connections of this run (also one a `nix copy` opened itself), so that
+    none lingers for ControlPersist's minute after rebuild has exited."""
+    while _masters:
+        exit_argv, proc = _masters.pop()
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                exit_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, timeout=MASTER_STOP_TIMEOUT, check=False,
+            )  # fmt: skip
+        if proc.poll() is None:  # still connecting: the run ended first
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=MASTER_STOP_TIMEOUT)
 
 
 def builder_endpoint(loaded: Loaded, target: Target) -> Endpoint | None:

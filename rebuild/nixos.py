@@ -107,6 +107,17 @@ def _quoted(path: Path | str) -> str:
     return f'"{text}"'
 
 
+def ssh_master_argv(config: Path, destination: str) -> list[str]:
+    """`ssh -F CONFIG -M -N -f DEST`: the connection the config's ControlPath shares, opened
+    ahead (it goes to the background once authenticated; ControlPersist ends it when idle)."""
+    return ["ssh", "-F", str(config), "-M", "-N", "-f", destination]
+
+
+def ssh_exit_argv(config: Path, destination: str) -> list[str]:
+    """`ssh -F CONFIG -O exit DEST`: stop the shared connection (master) of that destination."""
+    return ["ssh", "-F", str(config), "-O", "exit", destination]
+
+
 def nix_sshopts(config: Path) -> str:
     """NIX_SSHOPTS: `-F <rebuild's config>` and nothing else. Nix and classic nixos-rebuild
     split it on whitespace, so the config's own path must have none (checked by the caller).

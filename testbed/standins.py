@@ -601,8 +601,11 @@ def nix_main(argv: Sequence[str], default_store: str) -> int:
 
 def _copy(args: NixArgs, store: Path) -> int:
     """``nix copy --to ssh://[USER@]HOST PATH...``: Nix's legacy SSH store (src/libstore/
-    legacy-ssh-store.cc) runs ``nix-store --serve --write`` over ``ssh $NIX_SSHOPTS HOST`` and
-    sends the closure; on failure: "error: cannot open connection to remote store ..."."""
+    legacy-ssh-store.cc) runs ``nix-store --serve --write`` over ``ssh HOST -x $NIX_SSHOPTS``
+    with no master of its own ("Use SSH master only if using more than 1 connection", and
+    max-connections is 1), so the caller's ssh options alone decide whether a shared
+    connection is used; it sends the closure; on failure: "error: cannot open connection to
+    remote store ..."."""
     to = args.value("--to")
     if not to:
         raise NixUsage("'nix copy' needs --to or --from")
@@ -611,14 +614,16 @@ def _copy(args: NixArgs, store: Path) -> int:
     paths = args.positional[1:]
     if not paths:
         raise NixUsage("'nix copy' requires at least one installable")
-    remote = Remote(to.removeprefix("ssh://"), verbose=False)
+    host = to.removeprefix("ssh://")
+    opts = split_sshopts(os.environ.get("NIX_SSHOPTS", ""), "shell")  # Nix 2.26+ (PR 12020)
     for path in paths:
         if not Path(path).exists():
             raise SimError(f"path '{path}' is not valid")
-        try:
-            remote.copy_closure(path)
-        except RebuildFailed:
-            return 1
+    try:
+        ssh_store(host, opts, paths, write=True)
+    except SimError as exc:
+        _err(f"error: {exc}")
+        return 1
     return 0
 
 

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pexpect
 import pytest
 
-from rebuild import hostops, identity, inventory, prebuild
+from rebuild import hostops, hostrun, identity, inventory, nixos, prebuild
 from rebuild.driver import arm_script
 from rebuild.hostrun import HostRun, endpoint_for
 from rebuild.locks import release_remote_lock, remote_lock
@@ -239,6 +241,61 @@ class TestEvaluations:
         done = d.invoke("rebuild", "--host", "vps", "--yes", "--allow-dirty")
         assert done.returncode == 0, done.stdout + done.stderr
         assert len(full_evaluations(testbed, since)) == 2
+
+
+def run_processes(folder: str) -> list[str]:
+    """Command lines of live processes that name `folder` (a run's ssh config lives there)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            text = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if folder in text and "pytest" not in text:
+            found.append(text)
+    return found
+
+
+class TestSharedConnection:
+    """The preview's `nix copy` (Nix's ssh:// store runs plain `ssh $NIX_SSHOPTS`) shares an
+    OpenSSH connection rebuild opens ahead, while this machine evaluates and builds."""
+
+    def test_opened_ahead_and_stopped(self, testbed: Testbed, monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:  # fmt: skip
+        """The shared connection answers `ssh -O check` once opened; stopping it leaves no
+        ssh process behind."""
+        d = prepared(testbed)
+        loaded = inventory.load(str(d.inventory))
+        target = loaded.target("vps")
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(testbed.root))
+        hostrun.remove_run_dir()  # this process's run folder is made anew, below the test bed
+        try:
+            hostrun.open_master(loaded, target)
+            config = hostrun.ssh_config_file(loaded, target)
+            check = [*nixos.ssh_exit_argv(config, f"{d.host.user}@rebuild-vps")]
+            check[check.index("exit")] = "check"
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                done = subprocess.run(check, capture_output=True, text=True, check=False)
+                if done.returncode == 0:
+                    break
+                time.sleep(0.1)
+            assert done.returncode == 0, done.stderr
+            hostrun.remove_run_dir()
+            assert subprocess.run(check, capture_output=True, check=False).returncode != 0
+            assert run_processes(str(config.parent)) == []
+        finally:
+            hostrun.remove_run_dir()
+
+    def test_no_ssh_of_a_deploy_outlives_it(self, testbed: Testbed) -> None:
+        """After a deploy with the preview, no ssh that used the run's config is left (the
+        copy's shared connection would otherwise stay for ControlPersist's minute)."""
+        d = prepared(testbed)
+        done = d.invoke("rebuild", "--host", "vps", "--yes")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert run_processes(f"{testbed.root}/rb-run-") == []
 
 
 class TestRoundTrips:

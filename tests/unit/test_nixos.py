@@ -28,6 +28,8 @@ from rebuild.nixos import (
     parse_systems,
     render,
     ssh_config_text,
+    ssh_exit_argv,
+    ssh_master_argv,
 )
 
 FLAKE = "/srv/infra"
@@ -66,6 +68,15 @@ class TestNixEval:
         assert parse_systems(json.dumps([a]), ["app1", "app2"]) is None
         assert parse_systems(json.dumps([a, "x"]), ["app1", "app2"]) is None
         assert parse_systems("error: nope", ["app1"]) is None
+
+    def test_shared_connection_argv(self) -> None:
+        """The connection `nix copy` shares: a master under the run's config, in the background
+        once authenticated; and its stop."""
+        config = Path("/run/user/1000/rb-run-x/ssh_config.vps")
+        assert ssh_master_argv(config, "deploy@rebuild-vps") == [
+            "ssh", "-F", str(config), "-M", "-N", "-f", "deploy@rebuild-vps"]  # fmt: skip
+        assert ssh_exit_argv(config, "deploy@rebuild-vps") == [
+            "ssh", "-F", str(config), "-O", "exit", "deploy@rebuild-vps"]  # fmt: skip
 
     def test_program_and_url_flake(self) -> None:
         """The configured nix program and a flake URL are used verbatim."""
