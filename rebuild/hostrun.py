@@ -150,7 +150,7 @@ def open_master(loaded: Loaded, target: Target) -> None:
     master of its own): opened while this machine evaluates and builds, the preview's copy
     pays no handshake. If it is not ready (or failed), the copy connects by itself."""
     config = ssh_config_file(loaded, target)
-    destination = f"{target.settings.user}@{nixos.target_alias(target.name)}"
+    destination = nixos.target_destination(target)
     with contextlib.suppress(OSError):
         proc = subprocess.Popen(
             nixos.ssh_master_argv(config, destination), stdin=subprocess.DEVNULL,

@@ -131,6 +131,11 @@ def target_alias(name: str) -> str:
     return f"rebuild-{name}"
 
 
+def target_destination(target: Target) -> str:
+    """`user@alias`: how nixos-rebuild, `nix copy` and the shared ssh connection name a host."""
+    return f"{target.settings.user}@{target_alias(target.name)}"
+
+
 def builder_alias(name: str) -> str:
     return f"rebuild-{name}-builder"
 
@@ -282,15 +287,14 @@ def nixos_rebuild_argv(
     sudo prompts through `ssh -t` and rebuild answers those prompts.
     """
     spec = target.settings
-    user = spec.user
     argv = [program, action, "--flake", f"{flake}#{target.attr}", NO_REEXEC[flavour]]
     if action != "build":
-        argv += ["--target-host", f"{user}@{target_alias(target.name)}"]
+        argv += ["--target-host", target_destination(target)]
     if spec.build_host == "target":
-        argv += ["--build-host", f"{user}@{target_alias(target.name)}"]
+        argv += ["--build-host", target_destination(target)]
     elif spec.build_host:
         builder = parse_build_host(spec.build_host)
-        argv += ["--build-host", f"{builder.user or user}@{builder_alias(target.name)}"]
+        argv += ["--build-host", f"{builder.user or spec.user}@{builder_alias(target.name)}"]
     if spec.sudo and action != "build":
         argv.append(SUDO_FLAG[flavour])
         if ask_sudo_password and flavour == "ng":

@@ -84,7 +84,7 @@ def copy(hr: HostRun, loaded: Loaded, path: str, console: Console,
     """`nix copy` of the built system to the host, through rebuild's ssh config."""
     began = time.monotonic()
     spec = hr.target.settings
-    destination = f"{spec.user}@{nixos.target_alias(hr.name)}"
+    destination = nixos.target_destination(hr.target)
     argv = nixos.nix_copy_argv(loaded.nix_program, destination, path,
                                substitute=spec.use_substitutes)  # fmt: skip
     done, _ = _stream(hr, argv, console, cancel, child_env(loaded, hr.target), COPY_TIMEOUT)

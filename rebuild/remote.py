@@ -201,17 +201,14 @@ class _AheadConnection(Connection):  # type: ignore[misc]  # Fabric is untyped
     one runs: a remote command then costs one round trip (exec) instead of two (open, exec).
     The channel an unused spare leaves open goes with the connection."""
 
+    _spare_lock: threading.Lock
+    _spares: list[_Spare]
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self._spare_lock = threading.Lock()
-        self._spares: list[_Spare] = []
-
-    def __setattr__(self, key: str, value: object) -> None:
-        # Invoke turns an unknown attribute into a config key (copied, even pickled, later)
-        if key in ("_spare_lock", "_spares"):
-            object.__setattr__(self, key, value)
-        else:
-            super().__setattr__(key, value)
+        # Invoke's `_set`: a plain attribute (a bare one would become a config key, copied and
+        # even pickled later)
+        self._set(_spare_lock=threading.Lock(), _spares=[])
 
     def create_session(self) -> paramiko.Channel:
         channel = self._take_spare()
