@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import shlex
@@ -196,6 +197,45 @@ class _Spare:
         self.channel: paramiko.Channel | None = None
 
 
+class _PromptSocket(socket.socket):
+    """A TCP socket that acknowledges what it receives at once (TCP_QUICKACK, re-armed before
+    each read: Linux clears it by itself). With delayed ACKs, an sshd that holds a small
+    reply for an ACK (Nagle) stalls 40 ms: measured on the first channel of each connection."""
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        return super().recv(bufsize, flags)
+
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
+    """The TCP connection paramiko would open (each address of the name in turn; refused and
+    unreachable ones gathered into NoValidConnectionsError, any other error raised at once),
+    with Nagle off (TCP_NODELAY: the handshake's small packets go out at once, 110 → 21 ms on
+    loopback) and prompt ACKs (`_PromptSocket`)."""
+    errors: dict[tuple[str, int], OSError] = {}
+    for family, _, _, _, address in socket.getaddrinfo(
+        host, port, socket.AF_UNSPEC, socket.SOCK_STREAM
+    ):
+        sock = _PromptSocket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
+                raise
+            errors[(str(address[0]), int(address[1]))] = exc
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise paramiko.ssh_exception.NoValidConnectionsError(errors)
+
+
 class _AheadConnection(Connection):  # type: ignore[misc]  # Fabric is untyped
     """Fabric's connection, with the next command's session channel opened while the current
     one runs: a remote command then costs one round trip (exec) instead of two (open, exec).
@@ -209,6 +249,16 @@ class _AheadConnection(Connection):  # type: ignore[misc]  # Fabric is untyped
         # Invoke's `_set`: a plain attribute (a bare one would become a config key, copied and
         # even pickled later)
         self._set(_spare_lock=threading.Lock(), _spares=[])
+
+    def open(self) -> object:
+        """Fabric's open, on a socket from `tcp_connect`."""
+        if self.is_connected:
+            return None
+        self.connect_kwargs["sock"] = tcp_connect(self.host, self.port, self.connect_timeout)
+        try:
+            return super().open()
+        finally:
+            self.connect_kwargs.pop("sock", None)
 
     def create_session(self) -> paramiko.Channel:
         channel = self._take_spare()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.procs import run_unpiped
 from testbed.store import (
     DEFAULT_IMAGE_VARIANTS,
     Flake,
@@ -851,15 +852,21 @@ def run_ssh(
     """Run one real ssh (noted in the events log with its whole argv)."""
     note_event(event="ssh", argv=argv)
     try:
-        return subprocess.run(
-            argv,
-            input=input_text,
-            stdout=subprocess.PIPE if capture else None,
-            stdin=None if input_text is not None or inherit_stdin else subprocess.DEVNULL,
-            text=True,
-            timeout=REMOTE_TIMEOUT,
-            check=False,
-        )
+        if capture or input_text is not None:
+            return subprocess.run(
+                argv,
+                input=input_text,
+                stdout=subprocess.PIPE if capture else None,
+                stdin=None if input_text is not None or inherit_stdin else subprocess.DEVNULL,
+                text=True,
+                timeout=REMOTE_TIMEOUT,
+                check=False,
+            )
+        # nixos-rebuild waits for this ssh with no timeout (a blocking wait): the test bed
+        # bounds it, without subprocess.run's 50 ms polls
+        stdin = None if inherit_stdin else subprocess.DEVNULL
+        code = run_unpiped(argv, timeout=REMOTE_TIMEOUT, stdin=stdin)
+        return subprocess.CompletedProcess(argv, code)
     except subprocess.TimeoutExpired as exc:
         raise RebuildFailed(f"Command '{argv}' timed out after {REMOTE_TIMEOUT} seconds") from exc
 

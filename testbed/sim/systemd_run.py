@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.procs import proc_start_time
+from testbed.procs import proc_start_time, wait_child
 from testbed.sim.host import Host, UsageError, internal_opts, locked_state
 from testbed.sim.server import Helper, spawn_helper
 from testbed.sim.units import timer_refs
@@ -352,7 +352,7 @@ def _run_service_body(host: Host, service: str, command: list[str], cwd: str, co
                 active="active", sub="running", pid=child.pid, pid_start=proc_start_time(child.pid)
             )
     try:
-        code = child.wait(timeout=SERVICE_MAX_SECONDS)
+        code = wait_child(child, SERVICE_MAX_SECONDS)
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait(timeout=10)

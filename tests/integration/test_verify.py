@@ -269,3 +269,30 @@ def test_each_command_finds_its_channel_already_open(deployment: Deployment) -> 
         assert remote.run("echo three").stdout == "three\n"
     # the commands' own threads opened nothing; each opened the next one's ahead
     assert opened_by == ["rebuild-spare-channel", "rebuild-spare-channel"]
+
+
+def test_the_connection_sends_at_once_and_acks_at_once(deployment: Deployment) -> None:
+    """rebuild's SSH connection runs with Nagle off and prompt ACKs: paramiko's own socket
+    has neither, and its handshake and each connection's first channel wait out the peer's
+    40 ms delayed ACK (benchmarks/README, #17)."""
+    import socket
+
+    d = deployment
+    with Remote(endpoint_of(d)) as remote:
+        assert remote.run("echo one").stdout == "one\n"
+        sock = remote.conn.transport.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert type(sock).__name__ == "_PromptSocket"
+
+
+def test_a_closed_port_is_named_as_paramiko_names_it(deployment: Deployment) -> None:
+    """Refused on every address: one line, the port and the address, as before rebuild opened
+    its own socket."""
+    endpoint = Endpoint(name="vps", address="127.0.0.1", port=free_port(), user="root",
+                        known_hosts=deployment.tb.known_hosts, connect_timeout=5)  # fmt: skip
+    with pytest.raises(RemoteError) as caught:
+        Remote(endpoint).open()
+    assert str(caught.value) == (
+        f"cannot reach vps ([127.0.0.1]:{endpoint.port}): [Errno None] Unable to connect to "
+        f"port {endpoint.port} on 127.0.0.1"
+    )

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from testbed import Testbed, cleanup_stale_testbeds
-from testbed.procs import is_alive
+from testbed.procs import is_alive, run_unpiped, wait_child
 from testbed.sim.host import Host, locked_state
 from testbed.store import PACKAGE_PARENT
 
@@ -106,3 +106,28 @@ def test_stale_testbeds_of_dead_processes_are_cleaned_up() -> None:
     assert left["root"] in cleanup_stale_testbeds()
     assert not Path(left["root"]).exists()
     assert not is_alive(left["sshd"]) and not is_alive(left["server"])
+
+
+def test_a_child_is_waited_for_with_its_exit_code_and_a_bound() -> None:
+    """The stand-ins wait for a child without pipes like the real program (the code it exited
+    with), bounded: past the bound the child is killed and the caller told."""
+    with subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"]) as proc:
+        assert wait_child(proc, 30) == 7
+    assert run_unpiped([sys.executable, "-c", "raise SystemExit(5)"], timeout=30) == 5
+    marker = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(60)"
+    with subprocess.Popen([sys.executable, "-c", marker], stdout=subprocess.PIPE) as proc:
+        try:
+            wait_child(proc, 0.2)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        else:
+            timed_out = False
+        proc.kill()
+        proc.wait()
+    assert timed_out
+    try:
+        run_unpiped([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.2)
+    except subprocess.TimeoutExpired as exc:
+        assert exc.timeout == 0.2
+    else:
+        raise AssertionError("run_unpiped returned before the child ended")

@@ -268,6 +268,29 @@ class TestStreamOnATerminal:
         assert any("No such file" in line for line in lines)
 
 
+class TestChildEnd:
+    @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "no-pidfd"])
+    def test_exit_code_and_timeout(self, monkeypatch: pytest.MonkeyPatch, pidfd: bool) -> None:
+        """The child's end is waited for on a pidfd (at once) or, where the kernel has none,
+        by polling: the same exit codes and the same timeout either way."""
+        if not pidfd:
+
+            def no_pidfd(pid: int, flags: int = 0) -> int:
+                raise OSError(38, "Function not implemented")
+
+            monkeypatch.setattr(process.os, "pidfd_open", no_pidfd)
+        lines: list[str] = []
+        code = "import sys; print('built'); sys.exit(3)"
+        done = process.stream([sys.executable, "-c", code], on_line=lines.append)
+        assert (done.returncode, lines) == (3, ["built"])
+        slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+        started = time.monotonic()
+        done = process.stream(slow, on_line=lines.append, timeout=0.5)
+        assert done.returncode == 124
+        assert done.stderr.endswith("timed out after 0.5s")
+        assert time.monotonic() - started < 15
+
+
 SLEEPER = textwrap.dedent(
     """
     import os, signal, sys, time
