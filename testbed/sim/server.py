@@ -180,10 +180,10 @@ def _install_stdio(request: Request, fds: list[int], utf8_mode: bool) -> None:
     cwd_fd = next(received)
     os.fchdir(cwd_fd)
     os.close(cwd_fd)
-    _wrap_stdio(request.open_std, utf8_mode)
+    wrap_stdio(request.open_std, utf8_mode)
 
 
-def _wrap_stdio(open_std: int, utf8_mode: bool) -> None:
+def wrap_stdio(open_std: int, utf8_mode: bool) -> None:
     """sys.std* over fds 0-2 as a fresh ``python -IS`` makes them (None for a closed one)."""
     errors = "surrogateescape" if utf8_mode else "strict"
     streams: list[io.TextIOWrapper | None] = []
@@ -205,7 +205,7 @@ def _wrap_stdio(open_std: int, utf8_mode: bool) -> None:
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams  # type: ignore[misc]
 
 
-def _fresh_signals() -> None:
+def fresh_signals() -> None:
     """The dispositions of a fresh ``python -IS`` that ignores nothing it was not made to:
     SIGINT raises KeyboardInterrupt, SIGPIPE and SIGXFSZ are ignored (Python's start-up),
     every other signal has its default action, none is blocked. The server sets them once;
@@ -226,7 +226,7 @@ def _fresh_signals() -> None:
 
 def _set_signals(request: Request) -> None:
     """What the caller ignores stays ignored, as exec keeps it (the rest is as
-    :func:`_fresh_signals` left it)."""
+    :func:`fresh_signals` left it)."""
     ignored = request.ignored
     sig = 0
     while ignored:
@@ -444,7 +444,7 @@ def _helper_child(
             with contextlib.suppress(OSError):
                 os.fstat(fd)
                 open_std |= 1 << fd
-        _wrap_stdio(open_std, utf8_mode)
+        wrap_stdio(open_std, utf8_mode)
         sys.argv = [str(host.info["entry"]), *args]
         from testbed.sim.dispatch import internal
 
@@ -481,7 +481,7 @@ def serve(argv: Sequence[str]) -> int:
     root = Path(opts["--root"])
     ready_fd = int(opts["--ready-fd"])
     _preload()
-    _fresh_signals()
+    fresh_signals()
     path = socket_path(root)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = path.with_name(f".{SOCKET_NAME}.{os.getpid()}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from rebuild import identity
+from tests.support import launcher
 
 REPO = Path(__file__).resolve().parents[2]
 STORE_PATH = "/nix/store/0c6kzph7l0dcbyqhn35ndhjyzjv4nl8q-nixos-system-vps-26.05"
@@ -464,10 +465,7 @@ def test_refused(bed: Bed, case: Case) -> None:
     argv = [sys.executable, "-m", "invoke", "--search-root", str(REPO), *case.args]
     if case.args[0] in ("rebuild", "verify"):
         argv += ["--inventory", str(bed.inventory)]
-    done = subprocess.run(
-        argv, env=env, cwd=bed.root, capture_output=True, text=True, timeout=60, check=False,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    done = launcher.run(argv, env=env, cwd=bed.root, timeout=60)
     output = done.stdout + done.stderr
     assert done.returncode == case.code, output
     assert "Traceback" not in output and "internal error" not in output, output

@@ -18,6 +18,7 @@ import pytest
 
 from rebuild import identity
 from testbed import SimHost, Testbed
+from tests.support import launcher
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,10 +66,7 @@ class Deployment:
     def invoke(
         self, *args: str, timeout: float = 240, **env: str
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(*args), env=self.env(**env), capture_output=True, text=True,
-            timeout=timeout, check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        return launcher.run(self.argv(*args), env=self.env(**env), timeout=timeout)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.audit_log.exists():

@@ -24,6 +24,7 @@ import pytest
 from rebuild import hostkeys, inventory
 from testbed import SimHost, Testbed
 from tests.integration.conftest import config, free_port, git
+from tests.support import launcher
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
@@ -76,10 +77,7 @@ class Repo:
         return [sys.executable, "-m", "invoke", "--search-root", str(self.root), *args]
 
     def invoke(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(*args), cwd=self.root, env=self.env(), capture_output=True, text=True,
-            timeout=TIMEOUT, check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        return launcher.run(self.argv(*args), cwd=self.root, env=self.env(), timeout=TIMEOUT)
 
     def spawn(self, *args: str) -> pexpect.spawn:
         argv = self.argv(*args)
