@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support import launcher
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def invoke(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", "--search-root", str(REPO), *args],
-        capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
-    )  # fmt: skip
+    argv = [sys.executable, "-m", "invoke", "--search-root", str(REPO), *args]
+    return launcher.run(argv, env=os.environ, cwd=REPO, timeout=60)
 
 
 def tasks() -> list[str]:

@@ -24,6 +24,7 @@ from testbed import Testbed
 from testbed.store import image_file_name, image_store_path
 from tests.integration.conftest import REPO, git
 from tests.integration.interrupts import SIGINT_DISPOSITIONS, Watched, busy_cores, launch
+from tests.support import launcher
 
 CONFIG: dict[str, Any] = {"units": {"sshd.service": {}}, "label": "v1"}
 
@@ -67,10 +68,7 @@ class ImageBed:
                 "--inventory", str(self.inventory)]  # fmt: skip
 
     def invoke(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(*args), env=self.env(), capture_output=True, text=True, timeout=120,
-            check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        return launcher.run(self.argv(*args), env=self.env(), timeout=120)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.audit_log.exists():
