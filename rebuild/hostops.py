@@ -99,7 +99,9 @@ def acquire_script(owner: LockOwner, record: str | None = None, *, trust: bool =
     cur = '"$cur"'  # the system just read, as a shell word
     arming = ""
     if arm is not None:  # only once the lock is taken and a system was read
-        section = arm_section(_arm(owner.run_id, cur, arm, owner))
+        # the lock was taken by this very script and the run's timer cannot exist yet: no
+        # ownership check, no earlier timer to look at or stop (two processes fewer)
+        section = arm_section(_start_timer(owner.run_id, cur, arm))
         arming = f'case "$acquired$cur" in yes/*)\n{section};;\nesac\n'
     trusted = (
         f"echo '{MARK} trust'; u=${{SUDO_USER:-$(id -un 2>/dev/null)}}; echo \"$u\"; "
@@ -271,6 +273,14 @@ def _arm(run_id: str, previous: str, seconds: int, owner: LockOwner | None) -> s
         f"case $(systemctl show -p SubState --no-pager -- {quote(unit + '.timer')} 2>/dev/null) "
         "in *=elapsed) echo fired; exit 0;; esac; "
         f"systemctl stop {quote(unit + '.timer')} {quote(unit + '.service')} 2>/dev/null; "
+        + _start_timer(run_id, previous, seconds)
+    )
+
+
+def _start_timer(run_id: str, previous: str, seconds: int) -> str:
+    """`systemd-run` of the run's dead-man timer (`previous` given as a shell word)."""
+    unit = timer_unit(run_id)
+    return (
         f"systemd-run --on-active={seconds}s --unit={quote(unit)} --collect "
         f"--description={quote('rebuild dead-man rollback to ')}{previous} "
         f'--setenv=PATH="$PATH" -- /bin/sh -c {quote(TIMER_RESTORE)} rebuild-restore {previous}\n'
