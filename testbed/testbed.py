@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -51,6 +51,8 @@ SSH_READY_TIMEOUT = 15.0
 SERVER_READY_TIMEOUT = 30.0
 HOST_PATH_TAIL = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BASE_CONFIG: dict[str, object] = {"units": {"sshd.service": {}}, "label": "initial"}
+# key exchanges that cost an OpenSSH client little CPU (see `Testbed`'s ``kex``)
+FAST_KEX = ("curve25519-sha256", "curve25519-sha256@libssh.org")
 
 
 OWNER_FILE = "testbed.owner"
@@ -370,6 +372,7 @@ class SimHost:
             port = self.sshd_port or _free_port(self.sshd_address)
             config = self.dir / "sshd_config"
             path_value = self.path
+            tb = self.testbed
             config.write_text(
                 "\n".join(
                     [
@@ -387,6 +390,7 @@ class SimHost:
                         "PrintMotd no",
                         "PrintLastLog no",
                         "MaxStartups 64:30:128",
+                        *([f"KexAlgorithms {','.join(tb.kex)}"] if tb.kex else []),
                         "LogLevel VERBOSE",
                         # HOME: the host's own home, so the operator machine's ~/.bashrc
                         # (which bash sources for ssh commands) does not run on "hosts"
@@ -639,9 +643,20 @@ class Testbed:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, root: Path | None = None, *, other_users: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        other_users: bool = False,
+        kex: Sequence[str] = (),
+    ) -> None:
         """``other_users``: hosts also log in other local users (see ``tests.support.users``):
-        the directory is opened to them and shims run with a Python every user can run."""
+        the directory is opened to them and shims run with a Python every user can run.
+        ``kex``: the key exchanges the hosts' sshd offers (``KexAlgorithms``), as a host
+        configured so; empty, OpenSSH's defaults. Its first default,
+        sntrup761x25519-sha512, costs the OpenSSH client about 70 ms of CPU per connection here
+        (paramiko never offers it): the test suite, which opens hundreds, names
+        :data:`FAST_KEX`; the demo and the benchmarks keep the defaults."""
         python = shared_python() if other_users else sys.executable
         if root is None:
             self.root = Path(tempfile.mkdtemp(prefix="rbtb-")).resolve()
@@ -653,6 +668,7 @@ class Testbed:
         if other_users:
             self.root.chmod(0o755)
         self.other_users = other_users
+        self.kex = tuple(kex)
         self.python = python
         self.bin_dir = self.root / "bin"
         self.hostbin_dir = self.root / "hostbin"

@@ -18,6 +18,7 @@ import pytest
 
 from rebuild import identity
 from testbed import SimHost, Testbed
+from testbed.testbed import FAST_KEX
 from tests.support import launcher
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,7 +146,7 @@ def recording_wrapper(tb: Testbed, calls: Path) -> None:
 
 @pytest.fixture
 def testbed() -> Iterator[Testbed]:
-    with Testbed() as tb:
+    with Testbed(kex=FAST_KEX) as tb:
         yield tb
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from testbed import SimHost, Testbed
+from testbed.testbed import FAST_KEX
 from tests.integration.conftest import (
     Deployment,
     config,
@@ -120,7 +121,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         made["nopasswd"] = testusers.create_user("nopasswd")
         made["password"] = testusers.create_user("password", PASSWORD)
     try:
-        with Testbed(other_users=users_ok) as tb:
+        with Testbed(other_users=users_ok, kex=FAST_KEX) as tb:
             d = make_deployment(tb)
             builder = None
             from testbed import netns_available

@@ -27,6 +27,7 @@ from rebuild.errors import GateRefused
 from rebuild.remote import Endpoint, Remote
 from testbed import Testbed
 from testbed.procs import proc_parent
+from testbed.testbed import FAST_KEX
 from tests.integration.conftest import REPO, Deployment, config, make_deployment
 from tests.support import users as testusers
 
@@ -58,7 +59,7 @@ def accounts() -> Iterator[dict[str, testusers.TestUser]]:
 
 @pytest.fixture
 def bed(accounts: dict[str, testusers.TestUser]) -> Iterator[Testbed]:
-    with Testbed(other_users=True) as tb:
+    with Testbed(other_users=True, kex=FAST_KEX) as tb:
         yield tb
 
 

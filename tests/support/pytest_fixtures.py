@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from testbed.netns import netns_available
-from testbed.testbed import Testbed, cleanup_stale_testbeds, sshd_missing_message
+from testbed.testbed import FAST_KEX, Testbed, cleanup_stale_testbeds, sshd_missing_message
 
 _stale_checked = False
 
@@ -30,7 +30,7 @@ def testbed() -> Iterator[Testbed]:
     if not _stale_checked:
         _stale_checked = True
         cleanup_stale_testbeds()
-    bed = Testbed()
+    bed = Testbed(kex=FAST_KEX)
     try:
         yield bed
     finally:

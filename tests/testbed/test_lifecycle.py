@@ -12,6 +12,7 @@ from testbed import Testbed, cleanup_stale_testbeds
 from testbed.procs import is_alive, run_unpiped, wait_child
 from testbed.sim.host import Host, locked_state
 from testbed.store import PACKAGE_PARENT
+from testbed.testbed import FAST_KEX
 
 from .conftest import curl, free_port, rebuild, ssh, wait_for, web_config
 
@@ -131,3 +132,29 @@ def test_a_child_is_waited_for_with_its_exit_code_and_a_bound() -> None:
         assert exc.timeout == 0.2
     else:
         raise AssertionError("run_unpiped returned before the child ended")
+
+
+def test_kex_restricts_what_the_hosts_sshd_offers() -> None:
+    """`Testbed(kex=...)` is the hosts' sshd `KexAlgorithms`: a client that insists on another
+    key exchange is refused; without it, OpenSSH's defaults (sntrup761x25519 among them)."""
+    slow = "sntrup761x25519-sha512@openssh.com"
+    for kex, refused in ((FAST_KEX, True), ((), False)):
+        with Testbed(kex=kex) as tb:
+            host = tb.add_host("vps")
+            argv = host.ssh_argv()
+            insisting = [
+                argv[0],
+                "-o",
+                "LogLevel=INFO",
+                "-o",
+                f"KexAlgorithms={slow}",
+                *argv[1:],
+                "true",
+            ]
+            done = subprocess.run(insisting, capture_output=True, text=True, check=False)
+            fast = subprocess.run([*argv, "true"], capture_output=True, text=True, check=False)
+        assert fast.returncode == 0, fast.stderr
+        if refused:
+            assert done.returncode == 255 and "no matching key exchange" in done.stderr
+        else:
+            assert done.returncode == 0, done.stderr
