@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import launcher
+
 REPO = Path(__file__).resolve().parents[2]
 REPO_WRAPPER = REPO / "scripts" / "rebuild-vps.sh"
 REAL_INVOKE = Path(sys.executable).parent / "invoke"
@@ -65,10 +67,8 @@ def layout(tmp_path: Path, env: dict[str, str]) -> Path:
 
 def invoke_task(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """The real `invoke`, from `cwd` (it finds that folder's tasks.py)."""
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args], cwd=cwd, env=env, capture_output=True,
-        text=True, timeout=TIMEOUT, check=False, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    return launcher.run([sys.executable, "-m", "invoke", *args], cwd=cwd, env=env,
+                        timeout=TIMEOUT)  # fmt: skip
 
 
 def script(
