@@ -127,7 +127,8 @@ def _forked(server: _Server, argv: list[str], env: Mapping[str, str], cwd: str,
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     null = os.open(os.devnull, os.O_RDONLY)
-    payload = json.dumps({"argv": argv[3:], "env": dict(env), "cwd": cwd}).encode()
+    request = {"argv": argv[3:], "env": dict(env), "cwd": cwd, "ignored": _ignored_signals()}
+    payload = json.dumps(request).encode()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(str(server.socket))
@@ -167,6 +168,25 @@ def _forked(server: _Server, argv: list[str], env: Mapping[str, str], cwd: str,
         b"".join(chunks[out_r]).decode(encoding),
         b"".join(chunks[err_r]).decode(encoding),
     )
+
+
+def _ignored_signals() -> list[int]:
+    """The signals this process ignores that a child it started would still ignore after
+    exec (`subprocess` restores SIGPIPE and SIGXFSZ first; a fresh Python then ignores those
+    two itself, and leaves an ignored SIGINT ignored instead of raising KeyboardInterrupt)."""
+    restored = {signal.SIGPIPE, signal.SIGXFSZ}
+    return [
+        int(sig)
+        for sig in signal.valid_signals()
+        if sig not in restored and _disposition(sig) == signal.SIG_IGN
+    ]
+
+
+def _disposition(sig: int) -> object:
+    try:
+        return signal.getsignal(sig)
+    except (OSError, ValueError):
+        return None
 
 
 def _recv_exactly(conn: socket.socket, size: int, deadline: float) -> bytes:
@@ -212,6 +232,9 @@ def _child(conn: socket.socket, close: list[int]) -> None:
             os.close(fd)
         os.chdir(request["cwd"])
         wrap_stdio(0b111, utf8_mode)
+        for sig in request["ignored"]:  # as exec keeps them: the caller's ignored signals
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, signal.SIG_IGN)
         sys.argv = ["-m", *request["argv"]]
         sys.path[0] = os.getcwd()
         code = run_script(lambda: runpy.run_module("invoke", run_name="__main__", alter_sys=True))

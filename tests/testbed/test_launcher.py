@@ -4,6 +4,7 @@ from it is the same process to the program as a fresh interpreter's."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -73,3 +74,17 @@ def test_a_run_past_its_timeout_is_killed(project: Path) -> None:
     with pytest.raises(subprocess.TimeoutExpired):
         launcher.run(argv(project, "--sleep", "60"), env=os.environ, cwd=project, timeout=1)
     assert time.monotonic() - started < 30
+
+
+def test_an_ignored_signal_stays_ignored_as_through_exec(project: Path) -> None:
+    """A caller that ignores SIGINT (a job started in the background) starts programs that
+    ignore it too, and Python then leaves it ignored: a forked run inherits that as well."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        fresh = subprocess.run(argv(project), capture_output=True, text=True, timeout=60,
+                               check=False, stdin=subprocess.DEVNULL, cwd=project)  # fmt: skip
+        forked = launcher.run(argv(project), env=os.environ, cwd=project, timeout=60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    ignored = f"{int(signal.SIG_IGN)} {int(signal.SIG_IGN)}"  # SIGPIPE's, SIGINT's (3rd line)
+    assert fresh.stdout.splitlines()[2] == forked.stdout.splitlines()[2] == ignored
