@@ -113,12 +113,19 @@ def run(
     wanted = list(argv[:3]) == [sys.executable, "-m", "invoke"]
     if wanted and os.environ.get("REBUILD_TESTS_FRESH") != "1":
         server = _the_server()
-    if server is None or _start_up_env(env) != server.env:
-        return subprocess.run(
-            list(argv), env=dict(env), cwd=cwd, capture_output=True, text=True,
-            timeout=timeout, check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    return _forked(server, list(argv), env, os.fspath(cwd or os.getcwd()), timeout)
+    if server is not None and _start_up_env(env) == server.env:
+        try:
+            return _forked(server, list(argv), env, os.fspath(cwd or os.getcwd()), timeout)
+        except _Unreachable:
+            _server[0] = None  # the server is gone: every later run starts fresh
+    return subprocess.run(
+        list(argv), env=dict(env), cwd=cwd, capture_output=True, text=True,
+        timeout=timeout, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+class _Unreachable(Exception):
+    """The server did not take the run (nothing of it started)."""
 
 
 def _forked(server: _Server, argv: list[str], env: Mapping[str, str], cwd: str,
@@ -134,9 +141,15 @@ def _forked(server: _Server, argv: list[str], env: Mapping[str, str], cwd: str,
         conn.connect(str(server.socket))
         socket.send_fds(conn, [HEADER.pack(len(payload))], [null, out_w, err_w])
         conn.sendall(payload)
+    except OSError:
+        conn.close()
+        os.close(out_r)
+        os.close(err_r)
+        raise _Unreachable from None
     finally:
         for fd in (null, out_w, err_w):
             os.close(fd)
+    # from here on the run may have started: never retried
     pid = INT.unpack(_recv_exactly(conn, INT.size, deadline))[0]
     chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
     streams = selectors.DefaultSelector()

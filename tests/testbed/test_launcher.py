@@ -88,3 +88,16 @@ def test_an_ignored_signal_stays_ignored_as_through_exec(project: Path) -> None:
         signal.signal(signal.SIGINT, previous)
     ignored = f"{int(signal.SIG_IGN)} {int(signal.SIG_IGN)}"  # SIGPIPE's, SIGINT's (3rd line)
     assert fresh.stdout.splitlines()[2] == forked.stdout.splitlines()[2] == ignored
+
+
+def test_runs_start_fresh_once_the_server_is_gone(project: Path) -> None:
+    """A server that has ended takes no run: it runs in a fresh interpreter instead, once."""
+    server = launcher._the_server()
+    assert server is not None
+    server.stop()
+    try:
+        done = launcher.run(argv(project, "--code", "3"), env=os.environ, cwd=project, timeout=60)
+        assert done.returncode == 3
+        assert int(done.stdout.split()[-1]) == os.getpid()  # its parent: this process
+    finally:
+        launcher._server.clear()  # the next test in this process starts a new one
