@@ -69,9 +69,13 @@ class Progress:
         self.hosts = {name: HostLine(since=now) for name in self.names}
 
     def phase(self, host: str, phase: str, deadline: float | None = None) -> None:
+        """A host enters a phase; once drawing has started it is drawn at once, so that even
+        a phase shorter than the refresh shows (a fast host's switch and verification)."""
         with self._lock:
             state = self.hosts.setdefault(host, HostLine())
             state.phase, state.since, state.deadline = phase, self.clock(), deadline
+        if self._thread is not None and not self._stop.is_set():
+            self.draw()
 
     def line(self, host: str, text: str) -> None:
         with self._lock:

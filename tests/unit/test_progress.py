@@ -46,3 +46,15 @@ class TestDraw:
         live.draw()
         second = out.getvalue()[len(first) :]
         assert second.startswith(up(2)) and "[b] ok (exit 0)" in second
+
+    def test_a_phase_is_drawn_as_it_starts(self) -> None:
+        """Once drawing has started, a new phase is drawn at once, not at the next refresh:
+        a phase shorter than the refresh still shows."""
+        out = io.StringIO()
+        live = Progress(out, ["a"], clock=lambda: 0.0)
+        live.start()
+        try:
+            live.phase("a", "verifying")
+            assert "[a] verifying 0s" in out.getvalue()
+        finally:
+            live.stop()
