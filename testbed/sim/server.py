@@ -238,17 +238,35 @@ def _set_signals(request: Request) -> None:
 
 
 def _run(request: Request) -> int:
-    """The shim's body as ``sys.exit(main(name, argv))`` at the top of a script would run it."""
-    from testbed.sim.dispatch import main
+    """The shim's body as ``sys.exit(main(name, argv))`` at the top of a script would run it;
+    for a server of ``python -m invoke`` (:data:`PROGRAM`), that, ended as the interpreter
+    ends (threads joined, ``atexit`` run)."""
 
     def body() -> object:
         # the caller's signal mask: what came while this process was being set up arrives now
         signal.pthread_sigmask(
             signal.SIG_SETMASK, {n + 1 for n in range(64) if request.blocked & (1 << n)}
         )
+        if PROGRAM == "invoke":
+            import runpy
+
+            sys.argv = ["-m", *request.argv]
+            sys.path[0] = str(Path.cwd())
+            return runpy.run_module("invoke", run_name="__main__", alter_sys=True)
+        from testbed.sim.dispatch import main
+
         return main(request.name, request.argv)
 
-    return run_script(body)
+    code = run_script(body)
+    if PROGRAM == "invoke":
+        import atexit
+        import threading
+
+        with contextlib.suppress(BaseException):
+            threading._shutdown()  # type: ignore[attr-defined]
+            atexit._run_exitfuncs()
+            _flush()
+    return code
 
 
 def run_script(body: Callable[[], object]) -> int:
@@ -459,11 +477,21 @@ def _helper_child(
 # --------------------------------------------------------------------------- the server
 
 
+# what a server's children run: a host's shims (`dispatch.main`), or `python -m invoke`
+PROGRAM = "shims"
+# what a server of `python -m invoke` imports for its children: the libraries, never rebuild
+INVOKE_PRELOAD = ("invoke.main", "fabric", "paramiko", "pydantic", "structlog")
+
+
 def _preload() -> None:
-    """Import every module of the simulator once: the children start with them."""
+    """Import every module the children run once: they start with them."""
     import importlib
     import pkgutil
 
+    if PROGRAM == "invoke":
+        for name in INVOKE_PRELOAD:
+            importlib.import_module(name)
+        return
     import testbed.sim
 
     for module in pkgutil.iter_modules(testbed.sim.__path__):
@@ -472,14 +500,20 @@ def _preload() -> None:
 
 
 def serve(argv: Sequence[str]) -> int:
-    """``rbtb-sim server --root SIM_ROOT --ready-fd FD``: serve until SIGTERM."""
+    """``rbtb-sim server --root SIM_ROOT --ready-fd FD [--program invoke] [--parent PID]``:
+    serve until SIGTERM, or until the process PID is no longer the parent (then end what
+    still runs). ``--program invoke``: the tests' warm ``python -m invoke``
+    (``tests/support/launcher.py``), run by a Python with its site-packages."""
     import gc
 
     from testbed.sim.host import internal_opts
 
+    global PROGRAM
     opts, _ = internal_opts(list(argv))
     root = Path(opts["--root"])
     ready_fd = int(opts["--ready-fd"])
+    PROGRAM = opts.get("--program", "shims")
+    parent = int(opts["--parent"]) if "--parent" in opts else None
     _preload()
     fresh_signals()
     path = socket_path(root)
@@ -506,9 +540,9 @@ def serve(argv: Sequence[str]) -> int:
     gc.freeze()  # the children share the imported modules' pages
     os.write(ready_fd, b"ok\n")
     os.close(ready_fd)
-    while True:
+    while parent is None or os.getppid() == parent:
         try:
-            events = poller.poll()
+            events = poller.poll(-1 if parent is None else 1.0)
         except InterruptedError:
             continue
         # ends and hang-ups first: a descriptor closed here is not reused before the next poll
@@ -523,6 +557,10 @@ def serve(argv: Sequence[str]) -> int:
                 poller.unregister(fd)
         if any(fd == listener.fileno() for fd, _ in events):
             _accept(listener, poller, running, by_conn)
+    for pidfd in running:  # the parent is gone: so is everything it started here
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    return 0
 
 
 def _finish(
