@@ -862,8 +862,9 @@ def run_ssh(
                 timeout=REMOTE_TIMEOUT,
                 check=False,
             )
-        # nixos-rebuild waits for this ssh with no timeout (a blocking wait): the test bed
-        # bounds it, without subprocess.run's 50 ms polls
+        # nixos-rebuild waits for this ssh with no timeout, a blocking wait (ng/process.py
+        # `run_wrapper`: `subprocess.run(final_args, check=check, ...)`); the test bed bounds
+        # it, without subprocess.run's 50 ms polls
         stdin = None if inherit_stdin else subprocess.DEVNULL
         code = run_unpiped(argv, timeout=REMOTE_TIMEOUT, stdin=stdin)
         return subprocess.CompletedProcess(argv, code)
