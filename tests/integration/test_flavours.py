@@ -415,6 +415,16 @@ class TestAgentOnlyKey:
         assert ssh_runs and not any("-i" in argv for argv in ssh_runs)
 
 
+def accepts(path: Path) -> bool:
+    """A Unix socket that takes connections."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 @contextlib.contextmanager
 def ssh_agent(tb: Testbed) -> Iterator[dict[str, str]]:
     """A private ssh-agent holding the test bed's key; killed by its PID afterwards."""
@@ -422,7 +432,8 @@ def ssh_agent(tb: Testbed) -> Iterator[dict[str, str]]:
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        wait_for("the agent's socket", sock.exists, 10)
+        # the socket file exists from bind(), before listen(): wait until it takes connections
+        wait_for("the agent's socket", lambda: accepts(sock), 10)
         env = {"SSH_AUTH_SOCK": str(sock)}
         added = subprocess.run(["ssh-add", str(tb.client_key)], env={**os.environ, **env},
                                capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
