@@ -422,11 +422,16 @@ class Remote:
 
     def run_pair(self, privileged: str, plain: str, *, timeout: float = 60
                  ) -> tuple[RemoteResult, RemoteResult]:  # fmt: skip
-        """Run a privileged script, then a plain one, in one round trip (one remote command).
+        """Run a privileged script and a plain one, side by side, in one round trip (one
+        remote command).
 
         The privileged part's output (its stderr folded in) and exit status travel ahead of
         a marker line; the plain part runs as the SSH user with stdin closed, also when the
-        first went through sudo (which took the password from stdin, as `run` does).
+        first went through sudo (which took the password from stdin, as `run` does). The
+        plain part starts first, in the background, its output held in a private temporary
+        file (`mktemp`) and printed after the marker: the pair costs what the slower part
+        costs, not the sum (a deploy's verification: the re-arm beside the facts). Where
+        `mktemp` fails, the plain part runs after the first, as before.
         """
         sudo = self.endpoint.sudo
         password = self.endpoint.sudo_password if sudo else None
@@ -436,9 +441,14 @@ class Remote:
             first = (sudo_command(privileged) if sudo else "sh -c " + shlex.quote(privileged)
                      ) + " </dev/null"  # fmt: skip
         script = (
+            f"{_PAIR_TMP}=$(mktemp 2>/dev/null) || {_PAIR_TMP}=\n"
+            f'if [ -n "${_PAIR_TMP}" ]; then ( exec </dev/null\n{plain}\n'
+            f') >"${_PAIR_TMP}" & {_PAIR_PID}=$!; fi\n'
             f"{_PAIR_OUT}=$({first} 2>&1); {_PAIR_RC}=$?\n"
             f'printf \'%s\\n\' "${_PAIR_OUT}"; echo "{PAIR_MARK} ${_PAIR_RC}"\n'
-            f"unset {_PAIR_OUT} {_PAIR_RC}; exec </dev/null\n{plain}"
+            f"unset {_PAIR_OUT} {_PAIR_RC}; exec </dev/null\n"
+            f'if [ -n "${_PAIR_TMP}" ]; then wait "${_PAIR_PID}"; {_PAIR_RC}=$?; '
+            f'cat "${_PAIR_TMP}"; rm -f "${_PAIR_TMP}"; exit "${_PAIR_RC}"; fi\n{plain}'
         )
         stdin = _WholeStream(password + "\n") if password is not None else False
         result = self._exec(script, stdin, timeout)
@@ -460,6 +470,7 @@ NO_EXIT_STATUS = -1  # paramiko's recv_exit_status() for a channel closed withou
 
 PAIR_MARK = "@@rebuild-pair@@"
 _PAIR_OUT, _PAIR_RC = "rebuild_first", "rebuild_first_rc"
+_PAIR_TMP, _PAIR_PID = "rebuild_plain", "rebuild_plain_pid"
 
 
 class _WholeStream(io.StringIO):

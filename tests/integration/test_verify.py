@@ -6,6 +6,7 @@ import json
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -244,6 +245,40 @@ def test_a_privileged_and_a_plain_script_share_one_command_as_root(
         first, second = remote.run_pair("echo one; cat; exit 4", "echo two; exit 0")
     assert (first.exited, first.stdout) == (4, "one\n")
     assert (second.exited, second.stdout) == (0, "two\n")
+
+
+def test_the_two_parts_of_a_pair_run_side_by_side(deployment: Deployment, tmp_path: Path) -> None:
+    """The plain part runs while the privileged one does: the first waits for a file that only
+    the second creates (run one after the other, the first would give up after 5 s)."""
+    d = deployment
+    flag = tmp_path / "plain-started"
+    first = (
+        f"i=0; while [ ! -e {flag} ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done; "
+        f"[ -e {flag} ] && echo saw; exit 4"
+    )
+    with Remote(endpoint_of(d)) as remote:
+        first_result, second = remote.run_pair(first, f"touch {flag}; echo two; exit 3")
+    assert (first_result.exited, first_result.stdout) == (4, "saw\n")
+    assert (second.exited, second.stdout) == (3, "two\n")
+
+
+def test_a_pair_without_a_temporary_file_runs_one_part_after_the_other(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A host whose `mktemp` fails (a full or read-only /tmp) still gets both parts, in turn."""
+    d = deployment
+    called = tmp_path / "mktemp-called"
+    shim = d.host.bin_dir / "mktemp"
+    shim.write_text(f"#!/bin/sh\ntouch {called}\necho 'mktemp: No space left' >&2\nexit 1\n")
+    shim.chmod(0o755)
+    try:
+        with Remote(endpoint_of(d)) as remote:
+            first, second = remote.run_pair("echo one; cat; exit 4", "echo two; exit 3")
+    finally:
+        shim.unlink()
+    assert called.exists()
+    assert (first.exited, first.stdout) == (4, "one\n")
+    assert (second.exited, second.stdout) == (3, "two\n")
 
 
 def test_each_command_finds_its_channel_already_open(deployment: Deployment) -> None:
