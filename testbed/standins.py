@@ -210,10 +210,12 @@ class Target:
     text: str
 
 
-def _installable(text: str) -> Target:
+def _installable(text: str, flake: Flake | None = None) -> Target:
+    """``text`` resolved; with ``flake``, on that flake as this command already fetched it."""
     ref, _, fragment = text.partition("#")
-    flake = resolve_flake(ref or ".")
-    flake.check()
+    if flake is None:
+        flake = resolve_flake(ref or ".")
+        flake.check()
     return Target(flake=flake, path=split_attr_path(fragment), text=text)
 
 
@@ -383,13 +385,13 @@ def _eval_systems(args: NixArgs, names: list[str], store: Path,
     base, _, fragment = installable.partition("#")
     if split_attr_path(fragment) != ["nixosConfigurations"]:
         raise SimError("the test bed evaluates this --apply only on FLAKE#nixosConfigurations")
+    flake = _installable(installable).flake  # fetched once for every name, as Nix does
     paths = []
     for name in names:
-        target = _installable(installable)
-        if target.flake.config(name) is None:
+        if flake.config(name) is None:
             raise SimError(f"attribute '{name}' missing\n       at «string»:1:13:")
         attr = f"{base}#nixosConfigurations.{name}.config.system.build.toplevel.outPath"
-        paths.append(counted_evaluate("nix", "eval", attr, store, overrides).value)
+        paths.append(counted_evaluate("nix", "eval", attr, store, overrides, flake=flake).value)
     if "--json" in args.flags:
         sys.stdout.write(json.dumps(paths) + "\n")
     else:
@@ -744,13 +746,14 @@ def _flake_cache(root: str) -> set[str]:
 
 
 def counted_evaluate(program: str, command: str, installable: str, store: Path,
-                     overrides: Sequence[tuple[str, str]] = (), *,
-                     shown: str | None = None) -> Evaluated:  # fmt: skip
+                     overrides: Sequence[tuple[str, str]] = (), *, shown: str | None = None,
+                     flake: Flake | None = None) -> Evaluated:  # fmt: skip
     """:func:`evaluate` as the ``nix COMMAND`` of ``program`` does it, noting a full
     evaluation (or the cache hit that spared it) in ``$RBTB_ROOT/evaluations.jsonl``.
     ``shown``: the installable as the command line names it, when it is not the one
-    evaluated here (``nix eval X.drvPath``)."""
-    target = _installable(installable)
+    evaluated here (``nix eval X.drvPath``); ``flake``: the installable's flake as this
+    command already fetched it."""
+    target = _installable(installable, flake)
     path = split_attr_path((shown or installable).partition("#")[2])
     full = (len(path) > 2 and path[0] == "nixosConfigurations") or (
         len(path) == 3 and path[0] == "packages" and path[2].endswith("-image")

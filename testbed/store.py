@@ -21,7 +21,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -392,10 +392,16 @@ class Flake:
     git_root: Path | None  # None: `path:` semantics (every file counts)
     url: str  # how nix names it in messages: git+file:///x or path:/x
     rev: str | None = None  # `?rev=<commit>`: that commit's files, not the working tree
+    # What git answered, asked once per command: Nix fetches a git flake once per command (its
+    # tracked files, dirty or at a rev, copied to the store: src/libfetchers/git.cc) and
+    # evaluates every attribute from that copy, so one command sees one state of the tree.
+    _answers: dict[tuple[str, ...], str] = field(default_factory=dict, repr=False, compare=False)
 
     def _git(self, *args: str) -> str:
         if self.git_root is None:
             raise SimError(f"'{self.directory}' is not a git repository")
+        if args in self._answers:
+            return self._answers[args]
         result = subprocess.run(
             ["git", "-c", "safe.directory=*", "-C", str(self.git_root), *args],
             capture_output=True,
@@ -407,6 +413,7 @@ class Flake:
             raise SimError(
                 f"git {' '.join(args)} failed in '{self.git_root}': {result.stderr.strip()}"
             )
+        self._answers[args] = result.stdout
         return result.stdout
 
     def _rel(self, relpath: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -315,6 +316,43 @@ class TestEvaluations:
                         "--apply", missing)  # fmt: skip
         assert done.returncode == 1
         assert "error: attribute 'zz' missing" in done.stderr
+
+    def test_one_command_fetches_the_flake_once(self, testbed: Testbed, tmp_path: Path) -> None:
+        """As Nix copies a git flake to the store once per command and evaluates every
+        attribute from that copy, the stand-in asks git the same questions for six hosts as
+        for one (it used to ask them again for each host)."""
+        configs = {name: web_config(name, n) for n, name in enumerate("abcdef", 1)}
+        flake = testbed.make_flake(tmp_path / "flake", configs)
+        real_git = shutil.which("git")
+        assert real_git is not None
+        wrappers = tmp_path / "bin"
+        wrappers.mkdir()
+        asked = tmp_path / "git-calls"
+        (wrappers / "git").write_text(f'#!/bin/sh\necho "$*" >>{asked}\nexec {real_git} "$@"\n')
+        (wrappers / "git").chmod(0o755)
+
+        def git_calls(names: str) -> int:
+            asked.unlink(missing_ok=True)
+            listed = " ".join(f'"{name}"' for name in names)
+            apply = f"cs: map (n: cs.${{n}}.config.system.build.toplevel.outPath) [ {listed} ]"
+            env = {**os.environ, **testbed.env(), "PATH": f"{wrappers}:{os.environ['PATH']}"}
+            argv = [
+                env["REBUILD_NIX"],
+                "--extra-experimental-features",
+                "nix-command flakes",
+                "eval",
+                "--json",
+                f"{flake}#nixosConfigurations",
+                "--apply",
+                apply,
+            ]
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
+                                  check=False, cwd=testbed.root)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert len(json.loads(done.stdout)) == len(names)
+            return len(asked.read_text().splitlines())
+
+        assert git_calls("abcdef") == git_calls("a") > 0
 
     def test_the_re_exec_is_its_own_evaluation(self, testbed: Testbed, tmp_path: Path) -> None:
         """ng's re-exec builds the configuration's nixos-rebuild: another attribute, another
