@@ -136,7 +136,7 @@ def _supervise(
 def _exit_notice(proc: subprocess.Popen[bytes]) -> Iterator[Callable[[float], bool]]:
     """A wait for the child's end that returns the moment it ends (a pidfd, Linux 5.3+), at
     most `seconds` later. `Popen.wait(timeout=...)` polls with sleeps growing to 50 ms, which
-    a deploy used to pay once per nixos-rebuild. Without pidfds, that poll it is."""
+    a deploy used to pay once per nixos-rebuild. Without pidfds, it falls back to that poll."""
     try:
         pidfd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):

@@ -264,8 +264,10 @@ class TestEvaluations:
         path = tb.root / "evaluations.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
 
-    def nix(self, tb: Testbed, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, **tb.env()}
+    def nix(self, tb: Testbed, *args: str, path: str | None = None
+            ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """The test bed's `nix` with flakes enabled; `path`: a PATH of its own."""
+        env = {**os.environ, **tb.env(), **({"PATH": path} if path is not None else {})}
         argv = [env["REBUILD_NIX"], "--extra-experimental-features", "nix-command flakes", *args]
         return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
                               check=False, cwd=tb.root)  # fmt: skip
@@ -335,19 +337,8 @@ class TestEvaluations:
             asked.unlink(missing_ok=True)
             listed = " ".join(f'"{name}"' for name in names)
             apply = f"cs: map (n: cs.${{n}}.config.system.build.toplevel.outPath) [ {listed} ]"
-            env = {**os.environ, **testbed.env(), "PATH": f"{wrappers}:{os.environ['PATH']}"}
-            argv = [
-                env["REBUILD_NIX"],
-                "--extra-experimental-features",
-                "nix-command flakes",
-                "eval",
-                "--json",
-                f"{flake}#nixosConfigurations",
-                "--apply",
-                apply,
-            ]
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
-                                  check=False, cwd=testbed.root)  # fmt: skip
+            done = self.nix(testbed, "eval", "--json", f"{flake}#nixosConfigurations",
+                            "--apply", apply, path=f"{wrappers}:{os.environ['PATH']}")  # fmt: skip
             assert done.returncode == 0, done.stderr
             assert len(json.loads(done.stdout)) == len(names)
             return len(asked.read_text().splitlines())
